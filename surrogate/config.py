@@ -1,0 +1,158 @@
+"""Configuration: load ``config.yaml``, apply ``--set`` overrides, validate against the JSON schema.
+
+The same schema file (``workflow/schemas/config.schema.yaml``) validates the config in the
+Snakefile and in every stage CLI, so a key that Snakemake accepts is a key the stages accept.
+Unknown keys and wrong types are errors that name the dotted key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from surrogate.io import setup_logging
+
+__all__ = [
+    "ConfigError",
+    "SCHEMA_PATH",
+    "load_config",
+    "validate_config",
+    "apply_overrides",
+    "stage_parser",
+    "parse_stage_args",
+    "dump_config",
+]
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+def _load_schema() -> dict[str, Any]:
+    if not SCHEMA_PATH.exists():
+        raise ConfigError(
+            f"config schema not found at {SCHEMA_PATH}: install the package from a checkout with `pip install -e .`"
+        )
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _validator_with_defaults(schema: dict[str, Any]):
+    """A jsonschema validator that fills in ``default`` values, as Snakemake's ``validate`` does."""
+    import jsonschema
+
+    base = jsonschema.validators.validator_for(schema)
+
+    def set_defaults(validator, properties, instance, schema_):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema_)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
+
+
+def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate (and fill defaults into) a copy of ``cfg``; raise ConfigError naming the bad key."""
+    cfg = copy.deepcopy(cfg)
+    validator = _validator_with_defaults(_load_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+            if err.validator == "additionalProperties":
+                extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+                prefix = f"{key}." if err.absolute_path else ""
+                lines.append(f"{source}: unknown key(s) {', '.join(prefix + k for k in extra)}")
+            else:
+                lines.append(f"{source}: {key}: {err.message}")
+        raise ConfigError("\n".join(lines))
+    return cfg
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``3``, ``1e-4``, ``[1, 2]``, ``null``)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({exc})") from exc
+        node = cfg
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return cfg
+
+
+def load_config(path: str | Path = "config.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML config, apply overrides, validate, and return the resolved dict."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides)
+    return validate_config(raw, source=str(path))
+
+
+def dump_config(cfg: dict[str, Any], path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (written beside each stage's output)."""
+    from surrogate.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Argument parser with the options every stage shares: --config, --set, --log-level."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=100 (repeatable)",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def parse_stage_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parse argv, set up logging, load and validate the config; config errors exit 2 with one message."""
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return args, cfg
