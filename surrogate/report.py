@@ -1,0 +1,322 @@
+"""Report stage: log one pipeline execution to MLflow.
+
+``python -m surrogate.report --config C --results results --out results/report``
+
+Only this stage talks to MLflow, so the other stages run without a tracking store and
+parallel Snakemake jobs never contend for it. Everything it logs is read from files the
+earlier stages wrote under ``results/``; nothing there is modified. If the store cannot be
+reached the stage retries with backoff, then fails with one line, and
+``snakemake --forcerun report`` finishes the job later.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+from surrogate.config import REPO_ROOT, parse_stage_args, stage_parser
+from surrogate.io import write_json
+
+__all__ = ["ReportError", "resolve_tracking_uri", "flatten", "run", "main"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# MLflow limits a param value to 6000 characters.
+_PARAM_MAX = 6000
+_PACKAGES = ("surrogate", "torch", "numpy", "scipy", "h5py", "scikit-learn", "snakemake", "mlflow", "matplotlib")
+
+
+class ReportError(RuntimeError):
+    """The report could not be written (store unreachable, required result missing)."""
+
+
+def resolve_tracking_uri(cfg: dict[str, Any], root: Path = REPO_ROOT) -> str:
+    """Tracking URI: config, else ``MLFLOW_TRACKING_URI``, else a SQLite store at ``<root>/mlflow.db``."""
+    uri = cfg.get("report", {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def default_artifact_location(cfg: dict[str, Any], root: Path = REPO_ROOT) -> str | None:
+    """Artifacts under ``<root>/mlartifacts`` for the default local store; the server decides otherwise."""
+    location = cfg.get("report", {}).get("artifact_location")
+    if location:
+        return location
+    uri = resolve_tracking_uri(cfg, root)
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        return (root / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"a.b.c": "value"}``; lists become JSON (cut to MLflow's length limit)."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+            out[name] = text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 3] + "..."
+    return out
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int, backoff_s: float) -> T:
+    """Call ``fn``; on failure wait ``backoff_s * 2**k`` and retry; after ``attempts`` raise ReportError."""
+    for k in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any store failure is retried, then reported once
+            if k == attempts - 1:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ReportError(f"{what} failed after {attempts} attempts: {first_line}") from exc
+            delay = backoff_s * 2**k
+            log.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _git_tags(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain")))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in _PACKAGES:
+        try:
+            out[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[f"version.{pkg}"] = "absent"
+    out["version.python"] = platform.python_version()
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stage_seconds(bench_dir: Path) -> dict[str, float]:
+    """Wall seconds per rule from Snakemake's ``benchmark:`` files (shards summed per stage)."""
+    out: dict[str, float] = {}
+    for tsv in sorted(bench_dir.glob("*.tsv")):
+        with tsv.open() as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        if rows:
+            stage = tsv.stem.split("-")[0]
+            out[stage] = out.get(stage, 0.0) + float(rows[-1]["s"])
+    return out
+
+
+def collect(results: Path) -> dict[str, Any]:
+    """Everything the report logs, read from ``results/`` (absent pieces are None)."""
+    history_path = results / "train" / "history.jsonl"
+    history = []
+    if history_path.exists():
+        history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    return {
+        "manifest": _read_json(results / "ingest" / "manifest.json"),
+        "train_summary": _read_json(results / "train" / "summary.json"),
+        "history": history,
+        "generate_summary": _read_json(results / "generate" / "summary.json"),
+        "validate_summary": _read_json(results / "validate" / "summary.json"),
+        "stage_seconds": _stage_seconds(results / "benchmarks"),
+    }
+
+
+def _metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """(name, value, step) triples: training history by step, validation metrics, throughput."""
+    out: list[tuple[str, float, int]] = []
+    for row in info["history"]:
+        step = int(row.get("step", 0))
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float) and value == value:  # skip NaN
+                out.append((f"train.{key}", float(value), step))
+    summary = info["validate_summary"] or {}
+    for m in summary.get("metrics", []):
+        for field in ("value", "error", "floor", "threshold"):
+            v = m.get(field)
+            if isinstance(v, int | float) and v == v:
+                out.append((f"validate.{m['name']}.{field}", float(v), 0))
+        if "passed" in m and m["passed"] is not None:
+            out.append((f"validate.{m['name']}.passed", float(bool(m["passed"])), 0))
+    for stage, seconds in info["stage_seconds"].items():
+        out.append((f"stage_seconds.{stage}", seconds, 0))
+    gen = info["generate_summary"] or {}
+    if gen.get("events") and info["stage_seconds"].get("generate"):
+        out.append(("generate.events_per_second", gen["events"] / info["stage_seconds"]["generate"], 0))
+    train = info["train_summary"] or {}
+    for key in ("steps_per_second", "samples_per_second", "wall_seconds", "best_score"):
+        if isinstance(train.get(key), int | float):
+            out.append((f"train.summary.{key}", float(train[key]), 0))
+    return out
+
+
+def _sanitize(name: str) -> str:
+    # MLflow metric names allow alphanumerics, _ - . space / only
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
+
+
+def run(
+    cfg: dict[str, Any],
+    results: str | Path,
+    out_dir: str | Path,
+    config_path: str | Path | None = None,
+    root: Path = REPO_ROOT,
+) -> dict[str, Any]:
+    """Log the pipeline run under ``results`` to MLflow; write ``out_dir/mlflow_run.json``; return it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    results, out_dir = Path(results), Path(out_dir)
+    settings = cfg.get("report", {})
+    attempts = int(settings.get("retries", 4))
+    backoff = float(settings.get("backoff_seconds", 1.0))
+    uri = resolve_tracking_uri(cfg, root)
+    experiment_name = settings.get("experiment", "surrogate")
+    info = collect(results)
+    if info["validate_summary"] is None and info["train_summary"] is None and info["manifest"] is None:
+        raise ReportError(f"{results}: no stage outputs found (manifest, train summary, validation summary)")
+
+    # MLflow's HTTP client retries for minutes on its own; our backoff is the one retry policy.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+
+    def get_experiment() -> str:
+        exp = client.get_experiment_by_name(experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        return client.create_experiment(experiment_name, artifact_location=default_artifact_location(cfg, root))
+
+    experiment_id = with_retries(get_experiment, f"connecting to MLflow at {uri}", attempts, backoff)
+
+    tags = {**_git_tags(root), **_versions()}
+    manifest = info["manifest"] or {}
+    for i, item in enumerate(manifest.get("inputs", [])):
+        tags[f"input.{i}.path"] = str(item.get("path"))
+        tags[f"input.{i}.sha256"] = str(item.get("sha256"))
+    train = info["train_summary"] or {}
+    tags["device"] = str(train.get("device", "unknown"))
+    verdict = (info["validate_summary"] or {}).get("verdict", "NOT_RUN")
+    tags["validation.verdict"] = verdict
+
+    def log_everything() -> str:
+        run_obj = client.create_run(experiment_id, tags=tags, run_name=settings.get("run_name") or None)
+        run_id = run_obj.info.run_id
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        params = [Param(k, v) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+        metrics = [Metric(_sanitize(n), v, now, s) for n, v, s in _metrics(info)]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        client.log_batch(run_id, tags=[RunTag("mlflow.note.content", _note(verdict, info))])
+        for path, dest in _artifacts(results, config_path):
+            client.log_artifact(run_id, str(path), dest)
+        generator = results / "train" / "generator.pt"
+        if generator.exists() and settings.get("log_model", True):
+            _log_model(run_id, generator)
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    run_id = with_retries(log_everything, f"logging the run to MLflow at {uri}", attempts, backoff)
+    backend = uri if "://" in uri else f"file://{uri}"
+    record = {
+        "tracking_uri": uri,
+        "experiment": experiment_name,
+        "experiment_id": experiment_id,
+        "run_id": run_id,
+        "verdict": verdict,
+        "open_with": f"mlflow ui --backend-store-uri {backend} --host 127.0.0.1 --port 5000"
+        if uri.startswith("sqlite:")
+        else f"open {uri}/#/experiments/{experiment_id}/runs/{run_id}",
+    }
+    write_json(out_dir / "mlflow_run.json", record)
+    log.info("logged run %s to %s (experiment %r, verdict %s)", run_id, uri, experiment_name, verdict)
+    return record
+
+
+def _note(verdict: str, info: dict[str, Any]) -> str:
+    train = info["train_summary"] or {}
+    lines = [f"Validation verdict: **{verdict}**"]
+    if train:
+        lines.append(f"Best generator at step {train.get('best_step')} (score {train.get('best_score')}).")
+    seconds = info["stage_seconds"]
+    if seconds:
+        lines.append("Stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    return "\n\n".join(lines)
+
+
+def _artifacts(results: Path, config_path: str | Path | None) -> list[tuple[Path, str]]:
+    """(file, artifact sub-directory) pairs that exist."""
+    candidates = [
+        (results / "validate" / "report.html", "validate"),
+        (results / "validate" / "summary.json", "validate"),
+        (results / "ingest" / "manifest.json", "ingest"),
+        (results / "train" / "history.jsonl", "train"),
+        (results / "train" / "summary.json", "train"),
+        (results / "generate" / "summary.json", "generate"),
+    ]
+    candidates += [(p, "validate/plots") for p in sorted((results / "validate" / "plots").glob("*.png"))]
+    if config_path is not None:
+        candidates.append((Path(config_path), "config"))
+    return [(p, d) for p, d in candidates if p.exists()]
+
+
+def _log_model(run_id: str, generator_path: Path) -> None:
+    """Log the generator as an MLflow PyTorch model that samples showers from raw conditions."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    sampler = ShowerSampler.from_checkpoint(generator_path)
+    example = sampler.example_conditions()
+    with torch.inference_mode():
+        output = sampler(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "numpy", "h5py")]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            sampler,
+            name="generator",
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = stage_parser("python -m surrogate.report", "Log a pipeline run (results/) to MLflow.")
+    parser.add_argument("--results", default="results", help="directory with the stage outputs")
+    parser.add_argument("--out", default="results/report", help="directory for mlflow_run.json")
+    args, cfg = parse_stage_args(parser, argv)
+    try:
+        run(cfg, args.results, args.out, config_path=args.config)
+    except ReportError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

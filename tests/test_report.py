@@ -1,0 +1,142 @@
+"""Report stage: a run lands in MLflow with params, stepped metrics, artifacts and verdict;
+an unreachable store fails clearly and changes nothing under results/."""
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from surrogate import report
+from surrogate.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """A results/ tree as the earlier stages leave it (no generator: model logging is tested elsewhere)."""
+    res = tmp_path / "results"
+    (res / "ingest").mkdir(parents=True)
+    (res / "train").mkdir()
+    (res / "validate" / "plots").mkdir(parents=True)
+    (res / "benchmarks").mkdir()
+    (res / "ingest" / "manifest.json").write_text(
+        json.dumps({"inputs": [{"path": "data/raw/reference.h5", "sha256": "ab" * 32, "rows": 10}]})
+    )
+    history = [{"step": s, "loss_d": -1.0 / s, "loss_g": 0.1 * s, "quick_val": 2.0 / s} for s in (1, 2, 3)]
+    (res / "train" / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    (res / "train" / "summary.json").write_text(json.dumps({"device": "cpu", "best_step": 3, "best_score": 0.7}))
+    summary = {
+        "verdict": "FAIL",
+        "metrics": [
+            {"name": "response/mean", "value": 1.01, "error": 0.01, "floor": 0.002, "threshold": 0.02, "passed": True},
+            {"name": "fpd", "value": 3.0, "error": 0.1, "floor": 0.01, "threshold": 0.1, "passed": False},
+        ],
+    }
+    (res / "validate" / "summary.json").write_text(json.dumps(summary))
+    (res / "validate" / "report.html").write_text("<html><body>report</body></html>")
+    (res / "validate" / "plots" / "response.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    (res / "benchmarks" / "train.tsv").write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t100\n")
+    return res
+
+
+def _cfg(uri: str, **report_settings) -> dict:
+    cfg = load_config(ROOT / "config.yaml")
+    cfg["report"].update(tracking_uri=uri, **report_settings)
+    return cfg
+
+
+def test_report_to_sqlite_reads_back(results, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(uri, artifact_location=(tmp_path / "art").as_uri())
+    before = _tree_digest(results)
+    record = report.run(cfg, results, tmp_path / "out", config_path=ROOT / "config.yaml")
+
+    client = MlflowClient(uri)
+    run = client.get_run(record["run_id"])
+    assert run.data.params["seed"] == str(cfg["seed"])
+    assert run.data.params["simulate.events"] == str(cfg["simulate"]["events"])
+    assert run.data.tags["validation.verdict"] == "FAIL"
+    assert run.data.tags["input.0.sha256"] == "ab" * 32
+    assert "git.commit" in run.data.tags and "version.torch" in run.data.tags
+    steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train.loss_g")]
+    assert sorted(steps) == [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
+    assert run.data.metrics["validate.fpd.floor"] == 0.01
+    assert run.data.metrics["validate.fpd.passed"] == 0.0
+    assert run.data.metrics["stage_seconds.train"] == 12.5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validate")}
+    assert {"validate/report.html", "validate/summary.json", "validate/plots"} <= artifacts
+    assert json.loads((tmp_path / "out" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert _tree_digest(results) == before, "the report stage must not modify results/"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_store_fails_clearly(results, tmp_path, caplog):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    cfg = _cfg(uri, retries=2, backoff_seconds=0.01)
+    before = _tree_digest(results)
+    code = report.main(["--config", str(ROOT / "config.yaml"), "--set", f"report.tracking_uri={uri}",
+                        "--set", "report.retries=2", "--set", "report.backoff_seconds=0.01",
+                        "--results", str(results), "--out", str(tmp_path / "out")])
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and uri in errors[0] and "after 2 attempts" in errors[0]
+    assert _tree_digest(results) == before
+    assert not (tmp_path / "out" / "mlflow_run.json").exists()
+    with pytest.raises(report.ReportError):
+        report.run(cfg, results, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_report_to_real_server(results, tmp_path):
+    """A real `mlflow server` on 127.0.0.1, started here and stopped by PID."""
+    from mlflow.tracking import MlflowClient
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", (tmp_path / "server-art").as_uri(), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not start in 90 s"
+            time.sleep(0.5)
+        record = report.run(_cfg(uri), results, tmp_path / "out")
+        run = MlflowClient(uri).get_run(record["run_id"])
+        assert run.data.tags["validation.verdict"] == "FAIL"
+        assert record["tracking_uri"] == uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
