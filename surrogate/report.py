@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from surrogate.config import REPO_ROOT, parse_stage_args, stage_parser
+from surrogate.config import parse_stage_args, stage_parser
 from surrogate.io import write_json
 
 __all__ = ["ReportError", "resolve_tracking_uri", "flatten", "run", "main"]
@@ -40,22 +40,22 @@ class ReportError(RuntimeError):
     """The report could not be written (store unreachable, required result missing)."""
 
 
-def resolve_tracking_uri(cfg: dict[str, Any], root: Path = REPO_ROOT) -> str:
-    """Tracking URI: config, else ``MLFLOW_TRACKING_URI``, else a SQLite store at ``<root>/mlflow.db``."""
+def resolve_tracking_uri(cfg: dict[str, Any], root: Path | None = None) -> str:
+    """Tracking URI: config, else ``MLFLOW_TRACKING_URI``, else SQLite at ``<root>/mlflow.db`` (root: the project, i.e. cwd)."""
     uri = cfg.get("report", {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return f"sqlite:///{((root or Path.cwd()) / 'mlflow.db').resolve()}"
 
 
-def default_artifact_location(cfg: dict[str, Any], root: Path = REPO_ROOT) -> str | None:
+def default_artifact_location(cfg: dict[str, Any], root: Path | None = None) -> str | None:
     """Artifacts under ``<root>/mlartifacts`` for the default local store; the server decides otherwise."""
     location = cfg.get("report", {}).get("artifact_location")
     if location:
         return location
     uri = resolve_tracking_uri(cfg, root)
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        return (root / "mlartifacts").resolve().as_uri()
+        return ((root or Path.cwd()) / "mlartifacts").resolve().as_uri()
     return None
 
 
@@ -178,13 +178,14 @@ def run(
     results: str | Path,
     out_dir: str | Path,
     config_path: str | Path | None = None,
-    root: Path = REPO_ROOT,
+    root: Path | None = None,
 ) -> dict[str, Any]:
     """Log the pipeline run under ``results`` to MLflow; write ``out_dir/mlflow_run.json``; return it."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     results, out_dir = Path(results), Path(out_dir)
+    root = root or Path.cwd()
     settings = cfg.get("report", {})
     attempts = int(settings.get("retries", 4))
     backoff = float(settings.get("backoff_seconds", 1.0))

@@ -1,0 +1,38 @@
+SHARDS = list(range(config["generate"]["shards"]))
+
+
+rule generate_shard:
+    """One independent shard of generated events (its seed spawned from the run seed)."""
+    input:
+        generator="results/train/generator.pt",
+        dataset="results/ingest/dataset.h5",
+    output:
+        "results/generate/shard-{i}.h5",
+    params:
+        settings={k: config.get(k) for k in ("seed", "generate")},
+        shards=len(SHARDS),
+    log:
+        "results/logs/generate-{i}.log",
+    benchmark:
+        "results/benchmarks/generate-{i}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+    shell:
+        "python -m surrogate.generate --config {RESOLVED_CONFIG} --generator {input.generator}"
+        " --dataset {input.dataset} --out {output} --shard {wildcards.i} --shards {params.shards}"
+        " --threads {threads} 2> {log}"
+
+
+rule generate:
+    """Join the shards into one HDF5 virtual dataset (no copy)."""
+    input:
+        expand("results/generate/shard-{i}.h5", i=SHARDS),
+    output:
+        "results/generate/events.h5",
+    log:
+        "results/logs/generate-join.log",
+    benchmark:
+        "results/benchmarks/join.tsv"
+    shell:
+        "python -m surrogate.generate join --shards {input} --out {output} 2> {log}"

@@ -1,0 +1,20 @@
+rule train:
+    """Train the conditional WGAN-GP; resumes from results/train/state/ after a crash."""
+    input:
+        "results/ingest/dataset.h5",
+    output:
+        generator="results/train/generator.pt",
+        history="results/train/history.jsonl",
+        summary="results/train/summary.json",
+    params:
+        settings={k: config.get(k) for k in ("seed", "device", "train")},
+    log:
+        "results/logs/train.log",
+    benchmark:
+        "results/benchmarks/train.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,  # `--resources gpu=1` keeps two GPU jobs off one card
+    shell:
+        "python -m surrogate.train --config {RESOLVED_CONFIG} --dataset {input} --out results/train"
+        " --threads {threads} 2> {log}"
