@@ -23,10 +23,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
+
 from surrogate.config import parse_stage_args, stage_parser
 from surrogate.io import write_json
 
-__all__ = ["ReportError", "resolve_tracking_uri", "flatten", "run", "main"]
+__all__ = ["ReportError", "ShowerSampler", "resolve_tracking_uri", "flatten", "run", "main"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +41,55 @@ _PACKAGES = ("surrogate", "torch", "numpy", "scipy", "h5py", "scikit-learn", "sn
 
 class ReportError(RuntimeError):
     """The report could not be written (store unreachable, required result missing)."""
+
+
+class ShowerSampler(torch.nn.Module):
+    """The generator as users meet it in MLflow: raw conditions in, showers in MeV out.
+
+    Input (B, 3) float32: incident energy in MeV, η, PDG code. Output (B, n_voxels) float32 MeV,
+    non-negative, below-threshold voxels zeroed. Latents come from a generator seeded with
+    ``seed`` on every call, so the same input gives the same showers.
+    """
+
+    def __init__(self, generator: torch.nn.Module, meta: dict[str, Any], threshold_mev: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.generator = generator
+        self.preprocessing = dict(meta["preprocessing"])
+        self.threshold_mev = float(threshold_mev)
+        self.seed = int(seed)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, threshold_mev: float = 0.0) -> ShowerSampler:
+        from surrogate.models import load_generator
+
+        generator, meta = load_generator(path, torch.device("cpu"))
+        return cls(generator, meta, threshold_mev)
+
+    def example_conditions(self) -> np.ndarray:
+        """A few valid raw conditions (B, 3): energy MeV, η, PDG."""
+        from surrogate.preprocess import Preprocessor
+
+        pre = Preprocessor.from_dict(self.preprocessing)
+        lo, hi = pre.energy_range_mev
+        eta = 0.5 * sum(pre.eta_range) if pre.eta_range else 0.0
+        particles = list(pre.particles) or [0]
+        rows = [[float(np.sqrt(lo * hi)), eta, p] for p in particles] + [[hi, eta, particles[0]]]
+        return np.asarray(rows, dtype=np.float32)
+
+    def forward(self, conditions: torch.Tensor) -> torch.Tensor:
+        from surrogate.preprocess import Preprocessor
+
+        pre = Preprocessor.from_dict(self.preprocessing)
+        raw = conditions.detach().cpu().numpy().astype(np.float64)
+        energies = raw[:, :1]
+        c = pre.transform_conditions(energies, raw[:, 1:2], np.rint(raw[:, 2:3]).astype(np.int64))
+        latent = torch.Generator().manual_seed(self.seed)
+        z = torch.randn((len(raw), int(self.generator.z_dim)), generator=latent)
+        with torch.inference_mode():
+            x = self.generator(z, torch.from_numpy(c)).float().numpy()
+        showers = pre.inverse_showers(x, energies)
+        showers[~(showers >= self.threshold_mev)] = 0.0
+        return torch.from_numpy(showers)
 
 
 def resolve_tracking_uri(cfg: dict[str, Any], root: Path | None = None) -> str:
@@ -236,7 +288,7 @@ def run(
             client.log_artifact(run_id, str(path), dest)
         generator = results / "train" / "generator.pt"
         if generator.exists() and settings.get("log_model", True):
-            _log_model(run_id, generator)
+            _log_model(run_id, generator, _threshold(results / "ingest" / "dataset.h5"))
         client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -284,13 +336,22 @@ def _artifacts(results: Path, config_path: str | Path | None) -> list[tuple[Path
     return [(p, d) for p, d in candidates if p.exists()]
 
 
-def _log_model(run_id: str, generator_path: Path) -> None:
+def _threshold(dataset: Path) -> float:
+    """The readout threshold (MeV) the real data were read out with, as ingest recorded it."""
+    if not dataset.exists():
+        return 0.0
+    import h5py
+
+    with h5py.File(dataset, "r") as f:
+        return float(f.attrs.get("readout_threshold_mev", 0.0))
+
+
+def _log_model(run_id: str, generator_path: Path, threshold_mev: float) -> None:
     """Log the generator as an MLflow PyTorch model that samples showers from raw conditions."""
     import mlflow
-    import torch
     from mlflow.models import infer_signature
 
-    sampler = ShowerSampler.from_checkpoint(generator_path)
+    sampler = ShowerSampler.from_checkpoint(generator_path, threshold_mev)
     example = sampler.example_conditions()
     with torch.inference_mode():
         output = sampler(torch.from_numpy(example)).numpy()

@@ -1,6 +1,10 @@
 SHARDS = list(range(config["generate"]["shards"]))
 
 
+wildcard_constraints:
+    i=r"\d+",
+
+
 rule generate_shard:
     """One independent shard of generated events (its seed spawned from the run seed)."""
     input:
@@ -15,9 +19,9 @@ rule generate_shard:
         "results/logs/generate-{i}.log",
     benchmark:
         "results/benchmarks/generate-{i}.tsv"
-    threads: 1
+    threads: 2  # one for the forward pass, one for the compressing writer thread
     resources:
-        gpu=1,
+        gpu=1,  # only binds with `--resources gpu=N`: then at most N shards share the GPUs
     shell:
         "python -m surrogate.generate --config {RESOLVED_CONFIG} --generator {input.generator}"
         " --dataset {input.dataset} --out {output} --shard {wildcards.i} --shards {params.shards}"
