@@ -13,9 +13,13 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/generate.smk"
+include: "workflow/rules/validate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
+    """The whole pipeline: simulate -> ingest -> train -> generate -> validate -> report."""
     input:
-        "results/ingest/dataset.h5",
-        "results/ingest/manifest.json",
+        "results/report/mlflow_run.json",

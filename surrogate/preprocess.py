@@ -69,25 +69,47 @@ class Preprocessor:
         return pre.finalize(particles)
 
     def partial_fit(
-        self, showers: np.ndarray, energies: np.ndarray, eta: np.ndarray | None, pdg: np.ndarray | None
+        self,
+        showers: np.ndarray,
+        energies: np.ndarray,
+        eta: np.ndarray | None,
+        pdg: np.ndarray | None,
+        *,
+        overwrite: bool = False,
     ) -> None:
-        """Accumulate statistics of one chunk of training rows."""
-        y = self._forward_voxels(showers, energies).astype(np.float64)
+        """Accumulate statistics of one chunk of training rows (showers (n, V) MeV, energies (n, 1) MeV).
+
+        ``overwrite=True`` lets a float32 C-contiguous ``showers`` serve as scratch space (its
+        contents are destroyed), saving a copy of the chunk.
+        """
+        showers = np.asarray(showers)
+        if showers.ndim != 2:
+            raise PreprocessError(f"showers have shape {showers.shape}, expected (events, voxels)")
         if self._s1 is None:
-            self.n_voxels = y.shape[1]
-            self._s1, self._s2 = np.zeros(y.shape[1]), np.zeros(y.shape[1])
+            self.n_voxels = showers.shape[1]
+            self._s1, self._s2 = np.zeros(self.n_voxels), np.zeros(self.n_voxels)
             self._emin, self._emax = np.inf, -np.inf
             self._etamin, self._etamax = np.inf, -np.inf
             self._seen: set[int] = set()
+        elif showers.shape[1] != self.n_voxels:
+            raise PreprocessError(f"showers have {showers.shape[1]} voxels, earlier chunks had {self.n_voxels}")
+        self._has_eta = eta is not None
+        if showers.shape[0] == 0:
+            return
+        # Sums of the transform minus its empty-voxel value: empty voxels (most of a sparse
+        # shower) contribute exact zeros, so float32 squares stay accurate and the variance has
+        # no cancellation; accumulation is float64. In-place float32 work keeps this cheap
+        # (ingest calls it on every training chunk).
+        y = self._shifted_voxels(showers, energies, overwrite)
         self._n += y.shape[0]
-        self._s1 += y.sum(axis=0)
-        self._s2 += np.square(y).sum(axis=0)
+        s1, s2 = _column_sums(y)
+        self._s1 += s1
+        self._s2 += s2
         e = np.asarray(energies, dtype=np.float64).reshape(-1)
         self._emin, self._emax = min(self._emin, e.min()), max(self._emax, e.max())
         if eta is not None:
             h = np.asarray(eta, dtype=np.float64).reshape(-1)
             self._etamin, self._etamax = min(self._etamin, h.min()), max(self._etamax, h.max())
-        self._has_eta = eta is not None
         if pdg is not None:
             self._seen.update(int(p) for p in np.unique(pdg))
 
@@ -95,9 +117,9 @@ class Preprocessor:
         """Turn accumulated sums into the fitted parameters; ``particles`` fixes the one-hot order."""
         if not self._n:
             raise PreprocessError("cannot fit preprocessing on zero training rows")
-        mean = self._s1 / self._n
-        var = np.maximum(self._s2 / self._n - mean**2, 0.0)
-        self.mean = mean.astype(np.float32)
+        shifted_mean = self._s1 / self._n
+        var = np.maximum(self._s2 / self._n - shifted_mean**2, 0.0)
+        self.mean = (shifted_mean + self._floor()).astype(np.float32)
         self.std = np.maximum(np.sqrt(var), _STD_FLOOR).astype(np.float32)
         self.energy_range_mev = (float(self._emin), float(self._emax))
         self.eta_range = (float(self._etamin), float(self._etamax)) if self._has_eta else None
@@ -106,6 +128,20 @@ class Preprocessor:
         self._s1 = self._s2 = None
         self._n = 0
         return self
+
+    def _shifted_voxels(self, showers: np.ndarray, energies: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        """Forward transform minus its value for an empty voxel, (n, V) float32 (``showers`` itself if overwrite)."""
+        if self.voxel_transform != "log":
+            y = self._forward_voxels(showers, energies)
+            y -= np.float32(self._floor())
+            return y
+        # log(u + eps) - log(eps) = log(u / eps + 1): exactly 0 for an empty voxel
+        scale = (np.float32(1.0 / self.epsilon) / np.asarray(energies, dtype=np.float32)).reshape(-1, 1)
+        inplace = overwrite and showers.dtype == np.float32 and showers.flags.c_contiguous and showers.flags.writeable
+        y = np.multiply(showers, scale, out=showers if inplace else None, dtype=np.float32)
+        np.maximum(y, 0.0, out=y)
+        y += np.float32(1.0)
+        return np.log(y, out=y)
 
     # --- voxels ---------------------------------------------------------------------------
     def _forward_voxels(self, showers: np.ndarray, energies: np.ndarray) -> np.ndarray:
@@ -133,6 +169,8 @@ class Preprocessor:
     def inverse_showers(self, x: np.ndarray, energies: np.ndarray) -> np.ndarray:
         """(N, V) network space -> (N, V) float32 MeV, never negative; the empty-voxel floor maps to 0."""
         y = np.asarray(x, dtype=np.float32) * self.std + self.mean
+        # clip so a wild generator value cannot overflow exp (float32 overflows above ~88)
+        np.clip(y, -80.0, 80.0, out=y)
         if self.voxel_transform == "log":
             u = np.exp(y) - np.float32(self.epsilon)
         else:
@@ -204,3 +242,26 @@ class Preprocessor:
             eta_range=None if d.get("eta_range") is None else tuple(float(x) for x in d["eta_range"]),
             particles=tuple(int(p) for p in d["particles"]),
         )
+
+
+_SUM_BLOCK = 256  # rows summed in float32 before float64 accumulation (relative error ~ 256 * 6e-8)
+
+
+def _column_sums(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column sum and sum of squares of a float32 (n, V) array, as float64 (V,) arrays.
+
+    Blocks of rows are reduced in float32 (vectorised, no float64 copy of the chunk, no
+    squared temporary) and the block results are accumulated in float64.
+    """
+    n, v = y.shape
+    full = n - n % _SUM_BLOCK
+    s1, s2 = np.zeros(v), np.zeros(v)
+    if full:
+        blocks = y[:full].reshape(-1, _SUM_BLOCK, v)
+        s1 += blocks.sum(axis=1).sum(axis=0, dtype=np.float64)
+        s2 += np.einsum("bij,bij->bj", blocks, blocks).sum(axis=0, dtype=np.float64)
+    if full < n:
+        rest = y[full:]
+        s1 += rest.sum(axis=0, dtype=np.float64)
+        s2 += np.einsum("ij,ij->j", rest, rest).astype(np.float64)
+    return s1, s2

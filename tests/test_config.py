@@ -12,7 +12,14 @@ from surrogate.config import ConfigError, apply_overrides, load_config, validate
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config.yaml"
 # stage -> the arguments it requires besides --config
-STAGES = {"simulate": ["--out", "x.h5"], "ingest": ["--input", "x.h5", "--out", "x"]}
+STAGES = {
+    "simulate": ["--out", "x.h5"],
+    "ingest": ["--input", "x.h5", "--out", "x"],
+    "train": ["--dataset", "x.h5", "--out", "x"],
+    "generate": ["--generator", "x.pt", "--out", "x.h5"],
+    "validate": ["--dataset", "x.h5", "--generated", "y.h5", "--out", "x"],
+    "report": ["--results", "x", "--out", "y"],
+}
 
 
 def test_default_config_is_valid():

@@ -97,14 +97,68 @@ def test_two_inputs_are_concatenated(cfg, tmp_path):
     assert [i["rows"] for i in manifest["inputs"]] == [N, 100]
 
 
+def test_inputs_must_agree_on_optional_datasets(cfg, tmp_path, caplog):
+    ours = write_input(tmp_path / "ours.h5", cfg)
+    cc = write_input(tmp_path / "cc.h5", cfg, superset=False)
+    out = tmp_path / "out"
+    code = ingest.main(["--config", str(ROOT / "config.yaml"), "--input", str(ours), "--input", str(cc),
+                        "--out", str(out)])  # fmt: skip
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert str(ours) in errors[0] and str(cc) in errors[0] and "optional datasets" in errors[0]
+    assert not (out / "dataset.h5").exists() and not (out / "manifest.json").exists()
+
+
+def test_preprocessing_is_fitted_on_the_train_split_only(cfg, tmp_path):
+    src = write_input(tmp_path / "in.h5", cfg)
+    ingest.run(cfg, [src], tmp_path / "out", progress=False)
+    with h5py.File(tmp_path / "out" / "dataset.h5") as f, h5py.File(src) as g:
+        stored = Preprocessor.from_dict(json.loads(f.attrs["preprocessing"]))
+        train = np.sort(f["train/source_row"][:])
+        showers, energies = g["showers"][:], g["incident_energies"][:]
+    on_train = Preprocessor.fit(showers[train], energies[train], None, None, cfg["preprocess"])
+    on_all = Preprocessor.fit(showers, energies, None, None, cfg["preprocess"])
+    np.testing.assert_allclose(stored.mean, on_train.mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stored.std, on_train.std, rtol=1e-4)
+    assert not np.allclose(stored.mean, on_all.mean, rtol=1e-5, atol=1e-5), "val/test rows leaked into the fit"
+    assert stored.energy_range_mev == pytest.approx((energies[train].min(), energies[train].max()))
+
+
+def test_manifest_records_inputs_splits_statistics_and_timings(cfg, tmp_path):
+    src = write_input(tmp_path / "in.h5", cfg)
+    ingest.run(cfg, [src], tmp_path / "out", progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"] == [{"path": str(src), "sha256": sha256_file(src), "rows": N}]
+    assert manifest["rows"]["dropped"] == 0 and manifest["dropped"] == {}
+    assert manifest["package_version"] and manifest["timings_s"]["total"] > 0
+    stats = manifest["conditions"]
+    with h5py.File(src) as g:
+        e, pdg = g["incident_energies"][:], g["incident_pdg"][:]
+        eta = g["incident_eta"][:]
+    assert stats["energy_mev"]["min"] == pytest.approx(float(e.min()))
+    assert stats["energy_mev"]["max"] == pytest.approx(float(e.max()))
+    assert stats["energy_mev"]["quantiles"]["0.5"] == pytest.approx(float(np.median(e)), rel=1e-6)
+    assert stats["eta"] == {"min": pytest.approx(float(eta.min())), "max": pytest.approx(float(eta.max()))}
+    assert stats["particles"] == {"22": int((pdg == 22).sum()), "211": int((pdg == 211).sum())}
+    assert sum(stats["modes"].values()) == N
+
+
 def _nan_row(a):
     a = a.copy()
     a[17, 5] = np.nan
     return a
 
 
+def _inf_row(a):
+    a = a.copy()
+    a[19, 2] = np.inf
+    return a
+
+
 def _neg_row(a):
     a = a.copy()
+    a[23, 3] = -0.0005  # within the tolerance: not the voxel the message should show
     a[23, 7] = -5.0
     return a
 
@@ -130,7 +184,8 @@ BAD_CASES = {
     "row_mismatch": (lambda p, c: write_input(p, c, incident_energies=lambda a: a[:-3]), ["237 rows", "240"]),
     "voxel_count": (lambda p, c: write_input(p, c, showers=lambda a: a[:, :368]), ["368 voxels", "533"]),
     "nan": (lambda p, c: write_input(p, c, showers=_nan_row), ["dataset 'showers' row 17", "NaN"]),
-    "negative": (lambda p, c: write_input(p, c, showers=_neg_row), ["dataset 'showers' row 23", "negative"]),
+    "inf": (lambda p, c: write_input(p, c, showers=_inf_row), ["dataset 'showers' row 19", "Inf"]),
+    "negative": (lambda p, c: write_input(p, c, showers=_neg_row), ["dataset 'showers' row 23", "negative", "voxel 7: -5.0"]),
     "energy_le_0": (lambda p, c: write_input(p, c, incident_energies=_zero_energy),
                     ["dataset 'incident_energies' row 31", "<= 0"]),
     "unknown_pdg": (lambda p, c: write_input(p, c, incident_pdg=_bad_pdg),
@@ -182,6 +237,22 @@ def test_drop_mode_counts_bad_rows(cfg, tmp_path):
         assert not set(kept.tolist()) & {3, 4, 5, 50, 90}
 
 
+def test_drop_mode_counts_condition_problems_per_reason(cfg, tmp_path):
+    src = write_input(tmp_path / "in.h5", cfg, incident_energies=_zero_energy, incident_pdg=_bad_pdg)
+    drop = {**cfg, "ingest": {**cfg["ingest"], "on_bad_rows": "drop"}}
+    manifest = ingest.run(drop, [src], tmp_path / "out", progress=False)
+    assert manifest["dropped"] == {"incident energy <= 0": 1, "unknown particle code (accepted: [11, 22, 211])": 1}
+    assert sum(manifest["rows"][s] for s in ingest.SPLITS) == N - 2
+
+
+def test_drop_mode_still_refuses_file_level_problems(cfg, tmp_path):
+    src = write_input(tmp_path / "in.h5", cfg, showers=lambda a: a[:, :368])
+    drop = {**cfg, "ingest": {**cfg["ingest"], "on_bad_rows": "drop"}}
+    with pytest.raises(ingest.IngestError, match="368 voxels"):
+        ingest.run(drop, [src], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "dataset.h5").exists()
+
+
 def test_small_negative_voxels_are_zeroed(cfg, tmp_path):
     def tiny_negative(a):
         a = a.copy()
@@ -192,3 +263,10 @@ def test_small_negative_voxels_are_zeroed(cfg, tmp_path):
     ingest.run(cfg, [src], tmp_path / "out", progress=False)
     with h5py.File(tmp_path / "out" / "dataset.h5") as f:
         assert (f["train/showers"][:] >= 0).all()
+
+
+def test_cli_help_works(capsys):
+    with pytest.raises(SystemExit) as exc:
+        ingest.main(["--help"])
+    assert exc.value.code == 0
+    assert "--input" in capsys.readouterr().out

@@ -18,11 +18,15 @@ TINY = {
 }
 # keys of later stages, added when those stages are in the DAG
 TINY_LATER = {
-    "train": {"steps": 30, "eval_every": 15, "checkpoint_every": 15, "batch_size": 64},
+    "train": {"steps": 20, "eval_every": 10, "eval_events": 200, "checkpoint_every": 10, "batch_size": 64,
+              "log_every": 5, "generator": {"width": 64, "depth": 2}, "critic": {"width": 64, "depth": 2}},
     "generate": {"events": 3000, "shards": 2, "batch_size": 1024},
-    "validate": {},
+    "validate": {"n_boot": 5, "min_bin_events": 20,
+                 "subsample": {"classifier_events": 600, "voxel_classifier_events": 300, "classifier_iterations": 20,
+                               "fpd_events": 600, "kpd_batch_size": 100, "kpd_batches": 3, "prdc_events": 300,
+                               "mode_classifier_events": 600}},
     "report": {"log_model": True},
-}
+}  # fmt: skip
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
