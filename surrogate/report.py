@@ -11,6 +11,7 @@ reached the stage retries with backoff, then fails with one line, and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -271,9 +272,7 @@ def run(
     verdict = (info["validate_summary"] or {}).get("verdict", "NOT_RUN")
     tags["validation.verdict"] = verdict
 
-    def log_everything() -> str:
-        run_obj = client.create_run(experiment_id, tags=tags, run_name=settings.get("run_name") or None)
-        run_id = run_obj.info.run_id
+    def log_everything(run_id: str) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
@@ -290,9 +289,17 @@ def run(
         if generator.exists() and settings.get("log_model", True):
             _log_model(run_id, generator, _threshold(results / "ingest" / "dataset.h5"))
         client.set_terminated(run_id, "FINISHED")
-        return run_id
 
-    run_id = with_retries(log_everything, f"logging the run to MLflow at {uri}", attempts, backoff)
+    create = lambda: client.create_run(experiment_id, tags=tags, run_name=settings.get("run_name") or None)  # noqa: E731
+    run_id = with_retries(create, f"creating a run in MLflow at {uri}", attempts, backoff).info.run_id
+    try:
+        # not retried as a whole: a second attempt would log a second, duplicate run
+        log_everything(run_id)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "FAILED")
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ReportError(f"logging run {run_id} to MLflow at {uri} failed: {first_line}") from exc
     backend = uri if "://" in uri else f"file://{uri}"
     record = {
         "tracking_uri": uri,
@@ -364,6 +371,8 @@ def _log_model(run_id: str, generator_path: Path, threshold_mev: float) -> None:
             signature=signature,
             input_example=example,
             pip_requirements=requirements,
+            # torch.export cannot trace the numpy inverse preprocessing; the pickle is our own artifact
+            serialization_format="pickle",
         )
 
 

@@ -140,3 +140,37 @@ def test_report_to_real_server(results, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_logged_model_loads_and_generates(results, tmp_path):
+    """The generator logged as an MLflow model samples showers from raw conditions."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from surrogate.geometry import from_config
+    from surrogate.models import FORMAT_VERSION, Generator, ModelConfig
+    from surrogate.preprocess import Preprocessor
+
+    cfg = _cfg(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=(tmp_path / "art").as_uri())
+    geometry = from_config(cfg)
+    rng = np.random.default_rng(0)
+    energies = np.exp(rng.uniform(np.log(1e3), np.log(1e5), (200, 1))).astype(np.float32)
+    showers = (rng.gamma(0.5, 1.0, (200, geometry.n_voxels)) * energies / 300).astype(np.float32)
+    pre = Preprocessor.fit(showers, energies, rng.uniform(0, 1.5, (200, 1)), rng.choice([22, 211], (200, 1)), {})
+    mc = ModelConfig(n_voxels=geometry.n_voxels, cond_dim=len(pre.condition_names), z_dim=8, g_width=16, g_depth=1)
+    torch.manual_seed(0)
+    torch.save({"format_version": FORMAT_VERSION, "model_config": mc.to_dict(),
+                "ema_state_dict": Generator(mc).state_dict(), "preprocessing": pre.to_dict(),
+                "condition_names": pre.condition_names, "geometry": geometry.to_dict(), "step": 0},
+               results / "train" / "generator.pt")  # fmt: skip
+    record = report.run(cfg, results, tmp_path / "out")
+
+    mlflow.set_tracking_uri(record["tracking_uri"])
+    models = mlflow.search_logged_models(experiment_ids=[record["experiment_id"]], output_format="list")
+    assert len(models) == 1 and models[0].source_run_id == record["run_id"]
+    sampler = mlflow.pytorch.load_model(models[0].model_uri)
+    conditions = torch.tensor([[5e4, 0.3, 22.0], [5e4, 0.3, 211.0], [2e3, 1.0, 22.0]])
+    out = sampler(conditions)
+    assert out.shape == (3, geometry.n_voxels) and (out >= 0).all() and torch.isfinite(out).all()
+    assert not torch.equal(out[0], out[1]), "the particle condition must change the showers"

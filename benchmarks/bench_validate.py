@@ -1,0 +1,133 @@
+"""Benchmark of the validate stage on 1M generated events: stage wall time vs only reading the events.
+
+Prints ONE JSON object: ``{"events", "threads", "read_seconds", "stage_seconds", "ratio", ...}``.
+The target is ``ratio <= 2`` (validation must not take much longer than reading the events).
+
+The generated file is synthesised cheaply: a few thousand simulator showers tiled to ``--events``
+rows, written like the generate stage writes (lzf, 1024-row chunks). The reference is a small
+contract-format ``dataset.h5`` simulated with another seed. Everything lives in ``--workdir``
+(a temporary folder by default, deleted afterwards).
+
+    python benchmarks/bench_validate.py [--events 1000000] [--threads 2] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from surrogate import validate  # noqa: E402
+from surrogate.config import load_config  # noqa: E402
+from surrogate.io import atomic_path  # noqa: E402
+from surrogate.simulate import MODE_NAMES, build_params, simulate_events  # noqa: E402
+
+log = logging.getLogger("bench_validate")
+
+
+def write_dataset(path: Path, cfg: dict, n: int, seed: int) -> None:
+    """Contract-format ingest file with train and test splits (half each) of simulated events."""
+    ev = simulate_events(n, cfg, seed=seed)
+    geometry = build_params(cfg).geometry
+    with h5py.File(path, "w") as f:
+        f.attrs["geometry"] = json.dumps(geometry.to_dict())
+        f.attrs["preprocessing"] = "{}"
+        f.attrs["condition_names"] = json.dumps(["log_energy"])
+        f.attrs["mode_names"] = json.dumps(list(MODE_NAMES))
+        f.attrs["format_version"] = 1
+        f.attrs["seed"] = seed
+        for name, sl in (("train", slice(0, n // 2)), ("val", slice(0, 0)), ("test", slice(n // 2, n))):
+            g = f.create_group(name)
+            for key in ("showers", "incident_energies", "incident_eta", "incident_pdg"):
+                g[key] = ev[key][sl]
+            g["conditions"] = np.log(ev["incident_energies"][sl])
+            g["mode"] = ev["truth/mode"][sl]
+            g["source_row"] = np.arange(n)[sl]
+
+
+def write_generated(path: Path, cfg: dict, events: int, n_unique: int, seed: int) -> None:
+    """``events`` rows tiled from ``n_unique`` simulated events, lzf-compressed in 1024-row chunks."""
+    ev = simulate_events(n_unique, cfg, seed=seed)
+    v = ev["showers"].shape[1]
+    block = 1 << 15
+    with h5py.File(path, "w") as f:
+        ds = {k: f.create_dataset(k, shape=(events, ev[k].shape[1]), dtype=ev[k].dtype, chunks=(1024, ev[k].shape[1]),
+                                  compression="lzf" if k == "showers" else None)
+              for k in ("incident_energies", "showers", "incident_eta", "incident_pdg")}  # fmt: skip
+        for lo in range(0, events, block):
+            idx = np.arange(lo, min(events, lo + block)) % n_unique
+            for k, d in ds.items():
+                d[lo : lo + len(idx)] = ev[k][idx]
+    log.info("wrote %s: %d events x %d voxels", path, events, v)
+
+
+def read_only(path: Path, chunk_events: int) -> float:
+    """Seconds to read every dataset of the generated file in the stage's chunk-aligned blocks."""
+    t0 = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        for k in ("incident_energies", "incident_eta", "incident_pdg"):
+            f[k][()]
+        s = f["showers"]
+        step = max(1, round(chunk_events / s.chunks[0])) * s.chunks[0]
+        for lo in range(0, s.shape[0], step):
+            s[lo : lo + step]
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--real-events", type=int, default=20_000, help="simulated events in dataset.h5 (half test)")
+    ap.add_argument("--workdir", default=None, help="keep the files here (reused when present) instead of a temp dir")
+    ap.add_argument("--log-level", default="INFO", help="INFO shows the stage's per-step timings on stderr")
+    args = ap.parse_args()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_validate_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = load_config(ROOT / "config.yaml")
+        if not (work / "dataset.h5").exists():
+            with atomic_path(work / "dataset.h5") as tmp:
+                write_dataset(tmp, cfg, args.real_events, seed=1)
+        if not (work / "events.h5").exists():
+            with atomic_path(work / "events.h5") as tmp:
+                write_generated(tmp, cfg, args.events, n_unique=20_000, seed=2)
+        chunk = cfg["validate"]["chunk_events"]
+        read_only(work / "events.h5", chunk)  # warm the page cache so both timings read from memory
+        t_read = read_only(work / "events.h5", chunk)
+        t0 = time.perf_counter()
+        summary = validate.run(cfg, work / "dataset.h5", work / "events.h5", work / "out", threads=args.threads)
+        t_stage = time.perf_counter() - t0
+        print(json.dumps({
+            "events": args.events,
+            "real_test_events": summary["real_events"],
+            "generated_matched": summary["generated_events_matched"],
+            "threads": args.threads,
+            "read_seconds": round(t_read, 2),
+            "stage_seconds": round(t_stage, 2),
+            "ratio": round(t_stage / t_read, 2),
+            "target_ratio": 2.0,
+            "stage_breakdown_seconds": {k: round(v, 2) for k, v in summary["seconds"].items()},
+            "n_tests": summary["n_tests"],
+            "verdict": summary["verdict"],
+        }))  # fmt: skip
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

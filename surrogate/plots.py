@@ -1,0 +1,254 @@
+"""Validation plots (matplotlib, Agg backend): every function writes one PNG atomically and returns its path.
+
+Inputs are the in-memory samples of :mod:`surrogate.validate` (feature matrices (N, F) with
+their column names, energies in MeV) and the ``info`` dict its ``evaluate`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator  # noqa: E402
+
+from surrogate.io import atomic_path  # noqa: E402
+
+__all__ = ["feature_histograms", "response_plot", "mode_plot", "layer_plot", "training_curves", "make_all"]
+
+log = logging.getLogger(__name__)
+
+REAL, GEN = "#333333", "#d62728"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _unit(feature: str) -> str:
+    """Axis unit of a :mod:`surrogate.features` name (energies in MeV, positions in mm)."""
+    if feature == "E_dep" or feature.startswith("E_layer_"):
+        return " [MeV]"
+    return " [mm]" if feature.startswith(("centre_", "width_")) else ""
+
+
+def _feature_edges(r: np.ndarray, g: np.ndarray, bins: int) -> tuple[np.ndarray, bool]:
+    """Histogram edges covering the central 99% of both samples; log-spaced (and True) for a
+    non-negative feature (not a fraction) whose positive values span more than two decades, as energies do."""
+    pos_r, pos_g = r[r > 0], g[g > 0]
+    if r.min() >= 0 and g.min() >= 0 and len(pos_r) > 0.5 * len(r) and len(pos_g) > 0:
+        lo = min(np.quantile(pos_r, 0.005), np.quantile(pos_g, 0.005))
+        hi = max(np.quantile(pos_r, 0.995), np.quantile(pos_g, 0.995))
+        if hi > 100 * lo and hi > 1.0:  # fractions (at most 1) stay on a linear axis
+            return np.geomspace(lo, hi, bins + 1), True
+    lo = min(np.quantile(r, 0.005), np.quantile(g, 0.005))
+    hi = max(np.quantile(r, 0.995), np.quantile(g, 0.995))
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1), False
+
+
+def feature_histograms(
+    out_dir: Path, real: np.ndarray, gen: np.ndarray, names: list[str], bins: int, per_page: int = 16
+) -> list[Path]:
+    """Unit-area histograms of every feature, real vs generated, with gen/real ratio panels (``per_page`` per PNG).
+
+    Bins span the central 99% of both samples (outliers fill the end bins); features whose positive
+    values cover more than two decades (energies) get log-spaced bins on a log axis, and their share of
+    events at zero is written in the panel.
+    """
+    paths = []
+    for page, start in enumerate(range(0, len(names), per_page)):
+        cols = names[start : start + per_page]
+        ncol = 4
+        nrow = -(-len(cols) // ncol)
+        fig = plt.figure(figsize=(4.2 * ncol, 3.4 * nrow))
+        outer = fig.add_gridspec(nrow, ncol, hspace=0.3, wspace=0.28)
+        for i, name in enumerate(cols):
+            j = names.index(name)
+            r, g = real[:, j], gen[:, j]
+            edges, logx = _feature_edges(r, g, bins)
+            rr, gg = (r[r > 0], g[g > 0]) if logx else (r, g)
+            hr, _ = np.histogram(np.clip(rr, edges[0], edges[-1]), edges)
+            hg, _ = np.histogram(np.clip(gg, edges[0], edges[-1]), edges)
+            width = np.diff(np.log10(edges) if logx else edges)
+            dr, dg = hr / max(hr.sum(), 1) / width, hg / max(hg.sum(), 1) / width
+            cell = outer[i // ncol, i % ncol].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.06)
+            ax = fig.add_subplot(cell[0])
+            ax.stairs(dr, edges, color=REAL, label="real", lw=1.2)
+            ax.stairs(dg, edges, color=GEN, label="generated", lw=1.2)
+            # a text instead of set_title, few ticks, no log minor ticks: matplotlib's tick and title
+            # layout dominated the stage's plotting time with 100+ axes
+            ax.text(0.5, 1.02, name + _unit(name), transform=ax.transAxes, ha="center", va="bottom", fontsize=9)
+            ax.tick_params(labelsize=7, labelbottom=False)
+            ax.set_ylim(0, 1.25 * max(dr.max(), dg.max(), 1e-12))
+            if logx:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(numticks=5))
+                ax.xaxis.set_minor_locator(NullLocator())
+                zr, zg = np.mean(r <= 0), np.mean(g <= 0)
+                if zr > 0 or zg > 0:
+                    ax.text(0.02, 0.97, f"zero: real {zr:.1%}, gen {zg:.1%}", transform=ax.transAxes, fontsize=6,
+                            va="top")  # fmt: skip
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(5))
+            ax.yaxis.set_major_locator(MaxNLocator(4))
+            if i == 0:
+                ax.legend(fontsize=7, loc="upper right")
+            rax = fig.add_subplot(cell[1], sharex=ax)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(hr > 0, dg / dr, np.nan)
+                err = ratio * np.sqrt(1 / np.maximum(hr, 1) + 1 / np.maximum(hg, 1))
+            centres = np.sqrt(edges[1:] * edges[:-1]) if logx else 0.5 * (edges[1:] + edges[:-1])
+            rax.errorbar(centres, np.clip(ratio, 0.52, 1.48), yerr=err, fmt=".", ms=3, color=GEN, lw=0.7)
+            rax.axhline(1.0, color=REAL, lw=0.7)
+            rax.set_ylim(0.5, 1.5)
+            rax.set_yticks([0.5, 1.0, 1.5])
+            rax.tick_params(labelsize=7)
+            ax.set_ylabel("density per decade" if logx else "density", fontsize=7)
+            if i % ncol == 0:
+                rax.set_ylabel("gen/real", fontsize=7)
+        fig.subplots_adjust(left=0.05, right=0.98, top=0.96, bottom=0.05)
+        paths.append(_save(fig, out_dir / f"features_{page:02d}.png"))
+    return paths
+
+
+def response_plot(out_dir: Path, response: dict[str, Any]) -> Path:
+    """Mean E_dep/E_inc and relative resolution vs incident energy, per particle, real vs generated."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for pdg in sorted({v["pdg"] for v in response.values()}):
+        items = sorted((v for v in response.values() if v["pdg"] == pdg), key=lambda v: v["energy_gev"])
+        e = np.array([v["energy_gev"] for v in items])
+        for ax, key in ((a1, "mean"), (a2, "resolution")):
+            for who, colour, dx in (("real", REAL, 0.97), ("gen", GEN, 1.03)):
+                y = [v["value"][f"{who}_{key}"] for v in items]
+                dy = [v["error"][f"{who}_{key}"] for v in items]
+                ax.errorbar(e * dx, y, yerr=dy, fmt="o-" if pdg == 22 else "s--", color=colour, ms=4,
+                            label=f"{who} pdg {pdg}")  # fmt: skip
+    a1.set_ylabel("mean E_dep / E_inc")
+    a2.set_ylabel("resolution std/mean of E_dep / E_inc")
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_xlabel("incident energy (median of bin) [GeV]")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out_dir / "response.png")
+
+
+def mode_plot(out_dir: Path, modes: dict[str, Any], energy_labels: list[str], eta_labels: list[str]) -> Path | None:
+    """Predicted-mode fractions vs energy bin and vs |eta| bin, real (solid) and generated (dashed)."""
+    bins = {k: v for k, v in modes.get("bins", {}).items() if k != "all"}
+    if not bins:
+        return None
+    names = modes["names"] or [str(i) for i in range(len(next(iter(bins.values()))["real"]))]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for ax, key, labels in ((axes[0], "ebin", energy_labels), (axes[1], "etabin", eta_labels)):
+        counts = {}
+        for who in ("real", "gen"):
+            counts[who] = np.zeros((len(labels), len(names)))
+            for v in bins.values():
+                counts[who][v[key]] += v[who][: len(names)]
+        for who, style in (("real", "-o"), ("gen", "--s")):
+            frac = counts[who] / np.maximum(counts[who].sum(axis=1, keepdims=True), 1)
+            for m, name in enumerate(names):
+                # a mode the real data have is drawn for both samples: a generator missing it shows a line at 0
+                if counts["real"][:, m].sum() > 0 or counts["gen"][:, m].sum() > 0:
+                    ax.plot(range(len(labels)), frac[:, m], style, color=f"C{m}", ms=4,
+                            label=f"{name} ({who})")  # fmt: skip
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylabel("fraction of events (predicted mode)")
+    axes[0].set_xlabel("incident energy bin")
+    axes[1].set_xlabel("|eta| bin")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="solid: real, dashed: generated",
+                   title_fontsize=7)  # fmt: skip
+    fig.tight_layout()
+    return _save(fig, out_dir / "modes.png")
+
+
+def layer_plot(out_dir: Path, real: Any, gen: Any, names: list[str]) -> Path:
+    """Mean shower per active layer: mean E_layer / E_inc per particle, real vs generated, with a ratio panel.
+
+    ``real``/``gen`` carry ``features`` (N, F) with columns ``names``, ``energy`` (N,) MeV and ``pdg`` (N,).
+    """
+    cols = [n for n in names if n.startswith("E_layer_")]
+    idx = [names.index(n) for n in cols]
+    x = np.arange(len(cols))
+    fig, (ax, rax) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    for k, pdg in enumerate(sorted(set(np.unique(real.pdg).tolist()))):
+        stats = []
+        for s in (real, gen):
+            sel = s.pdg == pdg
+            frac = s.features[sel][:, idx] / s.energy[sel, None]
+            stats.append((frac.mean(0), frac.std(0) / np.sqrt(max(sel.sum(), 1))))
+        (mr, er), (mg, eg) = stats
+        mark, colour = "os^v"[k % 4], f"C{k}"
+        ax.errorbar(x - 0.1, mr, yerr=er, fmt=mark, color=colour, mfc="none", ms=6, label=f"real, pdg {pdg}")
+        ax.errorbar(x + 0.1, mg, yerr=eg, fmt=mark, color=colour, ms=5, label=f"generated, pdg {pdg}")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = mg / mr
+            err = ratio * np.hypot(er / mr, eg / mg)
+        rax.errorbar(x + 0.1 * (2 * k - 1), ratio, yerr=err, fmt=mark, color=colour, ms=4)
+    ax.set_yscale("log")
+    ax.set_ylabel("mean E_layer / E_inc")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("mean shower per layer (open: real, filled: generated)", fontsize=10)
+    rax.axhline(1.0, color=REAL, lw=0.7)
+    rax.set_ylim(0.8, 1.2)
+    rax.set_ylabel("gen/real")
+    rax.set_xticks(x, [c.removeprefix("E_layer_") for c in cols])
+    rax.set_xlabel("layer id")
+    fig.tight_layout()
+    return _save(fig, out_dir / "mean_shower_per_layer.png")
+
+
+def training_curves(out_dir: Path, history: str | Path) -> Path | None:
+    """Every numeric scalar of ``history.jsonl`` against its ``step`` (up to 8 panels)."""
+    rows = []
+    for line in Path(history).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            log.warning("%s: skipping a line that is not JSON", history)
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r]
+    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, int | float)})[:8]
+    if not keys:
+        return None
+    nrow, ncol = -(-len(keys) // 4), min(4, len(keys))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
+    for ax, k in zip(axes.flat, keys, strict=False):
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), int | float)]
+        ax.plot(*zip(*pts, strict=True), "o-", lw=0.8, ms=2)  # markers: a short run may log a single point
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_dir / "training_curves.png")
+
+
+def make_all(out_dir: Path, real: Any, gen: Any, info: dict[str, Any], binning: Any, bins: int,
+             history: str | Path | None) -> list[Path]:  # fmt: skip
+    """All validation plots; returns the written paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = feature_histograms(out_dir, real.features, gen.features, real.names, bins)
+    if info["response"]:
+        paths.append(response_plot(out_dir, info["response"]))
+    e = [0.0, *(binning.energy_edges_mev / 1000.0), np.inf]
+    h = [0.0, *binning.eta_edges, np.inf]
+    p = mode_plot(out_dir, info["modes"], [f"{e[i]:g}-{e[i + 1]:g} GeV" for i in range(len(e) - 1)],
+                  [f"{h[i]:g}-{h[i + 1]:g}" for i in range(len(h) - 1)])  # fmt: skip
+    if p is not None:
+        paths.append(p)
+    paths.append(layer_plot(out_dir, real, gen, real.names))
+    if history is not None:
+        p = training_curves(out_dir, history)
+        if p is not None:
+            paths.append(p)
+    return paths

@@ -1,0 +1,237 @@
+"""Validation metrics: a known answer for every metric, seeded, on tiny samples."""
+
+import logging
+
+import numpy as np
+import pytest
+from scipy import stats
+from threadpoolctl import threadpool_limits
+
+from surrogate import metrics as M
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the test machine's cores are shared: OpenMP/BLAS thread pools only add contention here
+    with threadpool_limits(1):
+        yield
+
+
+def _normal(n: int, d: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)) if d else np.random.default_rng(seed).normal(size=n)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_every_metric_with_its_input_kind():
+    expected = {
+        "separation_power": "1d",
+        "ks": "1d",
+        "wasserstein_scaled": "1d",
+        "response": "1d",
+        "fpd": "nd",
+        "kpd": "nd",
+        "classifier_auc": "nd",
+        "mode_fraction_test": "labels",
+        "cluster_occupancy": "nd",
+        "prdc": "nd",
+        "diversity_ratio": "nd",
+    }
+    assert {name: fn.metric_input for name, fn in M.METRICS.items()} == expected
+    with pytest.raises(ValueError, match="registered twice"):
+        M.register("ks")(lambda real, gen, seed=0: (0.0, 0.0))
+
+
+def test_flatten():
+    assert M.flatten("a", (1.0, 0.5)) == {"a": (1.0, 0.5)}
+    assert M.flatten("b", ({"x": 1, "y": 2}, {"x": 0.1, "y": 0.2})) == {"b.x": (1.0, 0.1), "b.y": (2.0, 0.2)}
+
+
+def test_bad_input_is_named():
+    with pytest.raises(M.MetricError, match="row 3"):
+        M.ks(np.array([0.0, 1, 2, np.nan]), np.zeros(4))
+    with pytest.raises(M.MetricError, match="features"):
+        M.diversity_ratio(np.zeros((5, 2)), np.zeros((5, 3)))
+
+
+def test_small_sample_is_logged(caplog):
+    with caplog.at_level(logging.WARNING, logger="surrogate.metrics"):
+        M.wasserstein_scaled(_normal(50, 0, 1), _normal(50, 0, 2), n_boot=5)
+    assert "only 50 real and 50 generated events" in caplog.text
+
+
+def test_seeded_and_independent_of_global_rng():
+    a, b = _normal(300, 0, 1), _normal(300, 0, 2)
+    np.random.seed(1)
+    first = M.separation_power(a, b, n_boot=20, seed=7)
+    np.random.seed(2)
+    assert M.separation_power(a, b, n_boot=20, seed=7) == first
+    assert M.separation_power(a, b, n_boot=20, seed=8)[1] != first[1]
+
+
+# ----------------------------------------------------------------------------- 1-D metrics
+
+
+def test_separation_power_known_answers():
+    a = _normal(2000, 0, 1)
+    assert M.separation_power(a, a, n_boot=20)[0] == 0.0
+    same, same_err = M.separation_power(a, _normal(2000, 0, 2), n_boot=20)
+    assert same < 0.03
+    shifted, err = M.separation_power(a, a + 1.0, n_boot=20)
+    assert shifted > 0.15 and shifted > 10 * err
+    # generated entirely above the real range: only the overflow bin is filled -> disjoint
+    assert M.separation_power(a, a + 100.0, n_boot=5)[0] == pytest.approx(1.0)
+    # explicit edges, hand computation: h1 = [0, .5, .5, 0], h2 = [0, 1, 0, 0] -> 1/2 (1/4/1.5 + 1/4/.5) = 1/3
+    assert M.separation_power([0.5, 1.5], [0.5, 0.5], bins=[0, 1, 2], n_boot=5)[0] == pytest.approx(1 / 3)
+    # a constant real sample still has a bin for its value
+    assert M.separation_power(np.zeros(10), np.zeros(10), n_boot=5)[0] == 0.0
+    assert M.separation_power(np.zeros(10), np.ones(10), n_boot=5)[0] == pytest.approx(1.0)
+
+
+def test_ks_equals_scipy_and_separates():
+    a, b = _normal(800, 0, 3), _normal(600, 0, 4)
+    value, err = M.ks(a, b, n_boot=20)
+    ref = stats.ks_2samp(a, b)
+    assert value == {"statistic": ref.statistic, "pvalue": ref.pvalue}
+    assert value["pvalue"] > 0.05 and err["statistic"] > 0
+    shifted, _ = M.ks(a, b + 1.0, n_boot=20)
+    assert shifted["pvalue"] < 1e-10 and shifted["statistic"] > 0.3
+
+
+def test_wasserstein_scaled_known_answers():
+    a = _normal(2000, 0, 5)
+    assert M.wasserstein_scaled(a, a, n_boot=10)[0] == 0.0
+    value, err = M.wasserstein_scaled(a, a + 0.5 * a.std(), n_boot=20)
+    assert value == pytest.approx(0.5) and err > 0
+    # dimensionless: rescaling both samples changes nothing
+    assert M.wasserstein_scaled(10 * a, 10 * (a + 0.5 * a.std()), n_boot=2)[0] == pytest.approx(0.5)
+
+
+def test_response_known_answers():
+    real = 0.8 + 0.08 * _normal(3000, 0, 6)  # mean 0.8, resolution 0.1
+    value, err = M.response(real, real, n_boot=20)
+    assert value["real_mean"] == pytest.approx(0.8, abs=3 * err["real_mean"] + 1e-3)
+    assert value["real_resolution"] == pytest.approx(0.1, abs=3 * err["real_resolution"] + 1e-3)
+    assert value["mean_shift"] == 0.0 and value["resolution_ratio"] == 1.0
+    gen = 0.88 + 0.176 * _normal(3000, 0, 7)  # mean +10 %, resolution 0.2 (twice)
+    value, err = M.response(real, gen, n_boot=20)
+    assert value["mean_shift"] == pytest.approx(0.1, abs=3 * err["mean_shift"] + 1e-3)
+    assert value["resolution_ratio"] == pytest.approx(2.0, abs=3 * err["resolution_ratio"] + 1e-2)
+    with pytest.raises(M.MetricError, match="must be > 0"):
+        M.response(-real, gen)
+
+
+# ----------------------------------------------------------------------------- distribution distances
+
+
+def test_frechet_distance_analytic():
+    eye = np.eye(2)
+    assert M.frechet_distance(np.zeros(2), eye, np.array([1.0, 0.0]), eye) == pytest.approx(1.0)
+    assert M.frechet_distance(np.zeros(2), eye, np.array([1.0, 1.0]), eye) == pytest.approx(2.0)
+    # 1-D: (mu1 - mu2)^2 + (s1 - s2)^2
+    assert M.frechet_distance(np.zeros(1), np.array([[4.0]]), np.ones(1), np.array([[1.0]])) == pytest.approx(2.0)
+
+
+FPD_FAST = {"min_samples": 400, "max_samples": 2000, "num_points": 5, "num_batches": 5, "normalise": False}
+
+
+def test_fpd_known_answers():
+    real, gen = _normal(2000, 2, 8), _normal(2000, 2, 9)
+    value, err = M.fpd(real, gen, **FPD_FAST)
+    assert abs(value) < 3 * err + 0.01
+    one, err1 = M.fpd(real, gen + [1.0, 0.0], **FPD_FAST)
+    assert one == pytest.approx(1.0, abs=3 * err1 + 0.05)
+    two, err2 = M.fpd(real, gen + [1.0, 1.0], **FPD_FAST)
+    assert two == pytest.approx(2.0, abs=3 * err2 + 0.1)  # JetNet's known answer
+    # real-sample standardisation: real std is ~1, so the answer barely moves
+    assert M.fpd(real, gen + [1.0, 1.0], **{**FPD_FAST, "normalise": True})[0] == pytest.approx(2.0, abs=0.15)
+
+
+def test_kpd_known_answers():
+    real, gen = _normal(1000, 3, 10), _normal(1000, 3, 11)
+    value, err = M.kpd(real, gen, batch_size=500, num_batches=5)
+    assert abs(value) < 3 * err + 0.02
+    shifted, err_s = M.kpd(real, gen + 1.0, batch_size=500, num_batches=5)
+    assert shifted > 1.0 and shifted > 5 * err_s
+    # the unbiased estimator on two copies of the same batch equals the hand formula
+    x = _normal(20, 3, 12)
+    k = (x @ x.T / 3 + 1) ** 4
+    hand = 2 * (k.sum() - np.trace(k)) / (20 * 19) - 2 * k.mean()
+    assert M._mmd2_poly_unbiased(x, x, block=7) == pytest.approx(hand)
+
+
+def test_classifier_auc_known_answers():
+    real, gen = _normal(600, 2, 13), _normal(600, 2, 14)
+    value, err = M.classifier_auc(real, gen, max_iter=20, n_boot=30)
+    assert abs(value - 0.5) < 4 * err + 0.03 and err > 0
+    shifted, _ = M.classifier_auc(real, gen + 1.5, max_iter=20, n_boot=5)
+    assert shifted > 0.75
+
+
+# ----------------------------------------------------------------------------- mode coverage
+
+
+def test_mode_fraction_test_known_answers():
+    rng = np.random.default_rng(15)
+    labels = rng.integers(0, 4, 2000)
+    value, _ = M.mode_fraction_test(labels, labels.copy(), 4)
+    assert value["statistic"] == pytest.approx(0.0, abs=1e-9) and value["pvalue"] == pytest.approx(1.0)
+    assert value["dof"] == 3
+    missing_mode = np.where(labels == 3, 0, labels)  # generator never makes mode 3
+    value, err = M.mode_fraction_test(labels, missing_mode, 4)
+    assert value["pvalue"] < 1e-10 and value["max_fraction_diff"] > 10 * err["max_fraction_diff"]
+    # G = 2 sum O ln(O/E) against scipy's power_divergence on the same table
+    table = np.array([np.bincount(labels, minlength=4), np.bincount(missing_mode, minlength=4)])
+    expected = stats.contingency.expected_freq(table)
+    g_ref = stats.power_divergence(table.ravel(), expected.ravel(), lambda_="log-likelihood").statistic
+    assert value["statistic"] == pytest.approx(g_ref)
+    with pytest.raises(M.MetricError, match="label 4 at row"):
+        M.mode_fraction_test(labels, np.full(5, 4), 4)
+
+
+def test_cluster_occupancy_known_answers():
+    real, gen = _normal(1500, 2, 16), _normal(1500, 2, 17)
+    value, _ = M.cluster_occupancy(real, gen, 5)
+    assert value["pvalue"] > 0.01 and value["dof"] == 4
+    half = gen.copy()
+    half[:, 0] = np.abs(half[:, 0])  # generator covers only x > 0: the x < 0 clusters are empty
+    value, _ = M.cluster_occupancy(real, half, 5)
+    assert value["pvalue"] < 1e-10
+
+
+def test_prdc_known_answers():
+    real = _normal(600, 2, 18)
+    copy, _ = M.prdc(real, real.copy(), n_repeats=2)
+    assert (copy["precision"], copy["recall"], copy["coverage"]) == (1.0, 1.0, 1.0)
+    # each real ball holds k points of an exact copy, +1 where rounding puts the k-th neighbour inside
+    assert 1.0 <= copy["density"] <= 1.2
+    same, err = M.prdc(real, _normal(600, 2, 19), n_repeats=3)
+    for key in ("precision", "recall", "coverage"):
+        assert same[key] > 0.85, key
+    assert same["density"] == pytest.approx(1.0, abs=0.15) and all(e > 0 for e in err.values())
+    collapsed = np.repeat(real.mean(axis=0, keepdims=True), 600, axis=0)
+    low, _ = M.prdc(real, collapsed, n_repeats=2)
+    assert low["precision"] == 1.0  # the one point is realistic ...
+    assert low["recall"] == 0.0 and low["coverage"] < 0.05  # ... but covers nothing
+
+
+def test_diversity_ratio_known_answers():
+    real = _normal(1000, 3, 20)
+    value, err = M.diversity_ratio(real, _normal(1000, 3, 21), n_boot=20)
+    assert value == pytest.approx(1.0, abs=3 * err + 0.02)
+    collapsed = np.repeat(real[:1], 1000, axis=0)
+    assert M.diversity_ratio(real, collapsed, n_boot=5)[0] == pytest.approx(0.0, abs=1e-9)
+    assert M.diversity_ratio(real, 2 * real, n_boot=5)[0] == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- multiple testing
+
+
+def test_holm_known_vector():
+    # sorted p = .005 .01 .03 .04 -> x4 x3 x2 x1 = .02 .03 .06 .04 -> running max .02 .03 .06 .06
+    np.testing.assert_allclose(M.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(M.holm([0.5, 0.9]), [1.0, 1.0])  # capped at 1
+    assert M.holm([]).shape == (0,)
+    with pytest.raises(M.MetricError, match="p-values"):
+        M.holm([0.1, 1.5])
