@@ -22,9 +22,12 @@ relies on. Rank 0 scores, logs and writes every file. Backend gloo on CPU, nccl 
 Precision, measured on this machine (2 shared cores of a Xeon with AMX-BF16, torch 2.13, default
 model: 533 voxels, 4 conditions, widths 256x3, batch 256, n_critic 5; benchmarks/bench_train.py,
 steps include the gradient penalty's double backward):
-fp32 7.3-7.5 generator steps/s, bf16 autocast 9.1-9.3 steps/s (1.24x; 1.4-1.7x at batch 1024).
-The toy ring test converges the same in bf16, so ``precision: auto`` picks bf16 on CUDA and on
-CPUs with native bf16 (AMX / AVX512-BF16), fp32 elsewhere (emulated bf16 is slower).
+fp32 7.3-7.5 generator steps/s, bf16 autocast 9.1-9.3 steps/s (1.24x; 1.4-1.7x at batch 1024) with
+2 threads on a quiet machine; with the cores shared by other jobs (load ~5): 1 thread fp32 4.3,
+bf16 6.5 steps/s (1.5x), 2 threads 1.8 vs 2.6 (OMP_WAIT_POLICY=PASSIVE; spinning threads are far
+slower still). The toy ring test converges in bf16 too (800 steps, all checks pass), so
+``precision: auto`` picks bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), fp32
+elsewhere (emulated bf16 is slower).
 """
 
 from __future__ import annotations
@@ -480,11 +483,11 @@ def _dist_env() -> tuple[int, int, int]:
         raise TrainError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers ({exc})") from exc
 
 
-def _any_rank(flag: bool, world_size: int) -> bool:
+def _any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any (a collective: all ranks must call it)."""
     if world_size == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=device)  # nccl reduces CUDA tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -620,7 +623,9 @@ class _Trainer:
         ckpt = _load_state(self.state_path)
         log.warning("%s; rolling back to step %d of %s (rollback %d of %d, new random stream)", exc, ckpt["step"],
                     self.state_path, self.rollbacks, limit)  # fmt: skip
+        wall = self.wall_before  # this run's clock keeps running: only the model goes back
         self._restore(ckpt)
+        self.wall_before = wall
         # the same stream would replay the same divergence
         self.state.rng.manual_seed(_rank_seed(int(self.cfg["seed"]), self.state.rank, self.rollbacks))
 
@@ -694,7 +699,7 @@ class _Trainer:
                     continue
                 rate = (state.step - before) / max(time.perf_counter() - tc, 1e-9)
                 bar.update(state.step - before)
-                stopped_early = _any_rank(state.step < nxt or time.perf_counter() > deadline, world)
+                stopped_early = _any_rank(state.step < nxt or time.perf_counter() > deadline, world, state.device)
                 if state.step == before:
                     break
                 row: dict[str, Any] = {"step": state.step, **m, "steps_per_s": rate,
@@ -711,8 +716,8 @@ class _Trainer:
                 if stopped_early:
                     break
         self.elapsed = time.perf_counter() - t0
-        if state.step < steps:
-            stopped_early = True
+        stopped_early = state.step < steps
+        if stopped_early:
             log.warning("stopped at step %d of %d: train.max_minutes=%s reached (raise it and rerun to continue)",
                         state.step, steps, tcfg["max_minutes"])  # fmt: skip
         return stopped_early

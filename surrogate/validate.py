@@ -25,7 +25,8 @@ Steps:
    A test passes when its Holm-adjusted p-value exceeds ``alpha``; the verdict is PASS when
    every test passes.
 
-Outputs (atomic): ``summary.json``, ``report.html`` (self-contained), ``plots/*.png``.
+Outputs (atomic): ``summary.json``, ``report.html`` (self-contained), ``plots/*.png`` and the
+resolved ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from threadpoolctl import threadpool_limits
 
 from surrogate import metrics as M
-from surrogate.config import parse_stage_args, stage_parser
+from surrogate.config import dump_config, parse_stage_args, stage_parser
 from surrogate.features import FeaturesError, compute_features, feature_names
 from surrogate.geometry import Geometry
 from surrogate.io import ProgressBar, atomic_path, write_json
@@ -406,8 +407,10 @@ def _sub(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return x if len(x) <= n else x[np.sort(rng.choice(len(x), n, replace=False))]
 
 
-def _lap(t0: float, what: str) -> float:
+def _lap(t0: float, what: str, timings: dict[str, float]) -> float:
+    """Log and record the seconds since ``t0``; return now."""
     now = time.perf_counter()
+    timings[what] = now - t0
     log.info("%s: %.1f s", what, now - t0)
     return now
 
@@ -458,7 +461,7 @@ def evaluate(
     # generated events at the size of half B, drawn with the same bin mix as the real sample
     gen_b = _sub(np.arange(len(gen.energy)), len(half_b), rng)
     t_sec = time.perf_counter()
-    info: dict[str, Any] = {"halves": [len(half_a), len(half_b)], "generated_matched": len(gen.energy)}
+    info: dict[str, Any] = {"halves": [len(half_a), len(half_b)], "generated_matched": len(gen.energy), "seconds": {}}
 
     def one_d(prefix: str, ra: np.ndarray, rb: np.ndarray, rfull: np.ndarray, g: np.ndarray, gsub: np.ndarray):
         for j, name in enumerate(real.names):
@@ -505,7 +508,7 @@ def evaluate(
         tests.append(_worse_than_floor(key, dv, de, fv, fe, mar["diversity"], False))
     info["bins_used"] = [binning.label(b) for b in bins_used]
 
-    t_sec = _lap(t_sec, "1-D tests")
+    t_sec = _lap(t_sec, "1-D tests", info["seconds"])
     # conditional response per energy bin and particle (pooling |eta| bins)
     resp: dict[str, Any] = {}
     ne = len(binning.energy_edges_mev) + 1
@@ -531,21 +534,23 @@ def evaluate(
                                     mar["resolution"], fv["resolution_ratio"]))  # fmt: skip
     info["response"] = resp
 
-    t_sec = _lap(t_sec, "response")
+    t_sec = _lap(t_sec, "response", info["seconds"])
     # multivariate distances on the standardised features (metrics standardise with the real sample)
     nf = min(sub["fpd_events"], len(half_a), len(half_b))
     fpd_kw = {"min_samples": max(nf // 4, 10), "max_samples": nf, "num_points": 5, "num_batches": 10}
     s = _seed_of(seed, "fpd")
-    gv = M.fpd(rf, _sub(gf, max(sub["fpd_events"], len(rf)), rng), seed=s, **fpd_kw)
+    # generated value from the same sample sizes as the floor (half A vs |B| generated events): the
+    # extrapolation removes the resampling bias, not the finite-sample distance between two samples
+    gv = M.fpd(rf[half_a], gf[gen_b], seed=s, **fpd_kw)
     fv = floor("fpd", M.fpd, rf[half_a], rf[half_b], seed=s, **fpd_kw)
     tests.append(_worse_than_floor("fpd", gv[0], gv[1], fv[0], fv[1], mar["fpd"]))
     kb = min(sub["kpd_batch_size"], len(half_a), len(half_b))
     s = _seed_of(seed, "kpd")
-    gv = M.kpd(rf, gf, num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
+    gv = M.kpd(rf[half_a], gf[gen_b], num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
     fv = floor("kpd", M.kpd, rf[half_a], rf[half_b], num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
     tests.append(_worse_than_floor("kpd", gv[0], gv[1], fv[0], fv[1], mar["kpd"]))
 
-    t_sec = _lap(t_sec, "FPD/KPD")
+    t_sec = _lap(t_sec, "FPD/KPD", info["seconds"])
     # classifier two-sample tests at the floor's sample sizes
     ncl = min(sub["classifier_events"], len(half_a), len(half_b))
     kw = {"max_events": ncl, "max_iter": sub["classifier_iterations"], "n_boot": n_boot,
@@ -560,7 +565,7 @@ def evaluate(
     fv = floor(f"classifier_auc/voxels@{nv}", M.classifier_auc, va, vb, **kw)
     tests.append(_worse_than_floor("classifier_auc/voxels", gv[0], gv[1], fv[0], fv[1], mar["auc"]))
 
-    t_sec = _lap(t_sec, "classifier AUCs")
+    t_sec = _lap(t_sec, "classifier AUCs", info["seconds"])
     # PRDC at equal sizes
     npr = min(sub["prdc_events"], len(half_a), len(half_b))
     s = _seed_of(seed, "prdc")
@@ -574,7 +579,7 @@ def evaluate(
     fv = floor("diversity/all", M.diversity_ratio, rf[half_a], rf[half_b], n_boot=n_boot, seed=s)
     tests.append(_worse_than_floor("diversity/all", dv[0], dv[1], fv[0], fv[1], mar["diversity"], False))
 
-    t_sec = _lap(t_sec, "PRDC/diversity")
+    t_sec = _lap(t_sec, "PRDC/diversity", info["seconds"])
     # mode coverage
     clf = floor("mode_classifier", _mode_classifier, train, sub["mode_classifier_events"],
                 sub["classifier_iterations"], _seed_of(seed, "mode_classifier"))  # fmt: skip
@@ -609,12 +614,14 @@ def evaluate(
                       seed=s)  # fmt: skip
         tests.append(_pvalue_test("cluster_occupancy/all", v["statistic"], v["pvalue"], fv["pvalue"], alpha))
         modes["method"] = "k-means occupancy (no truth modes in the test split)"
-    t_sec = _lap(t_sec, "mode coverage")
+    t_sec = _lap(t_sec, "mode coverage", info["seconds"])
     info["modes"] = modes
     info["subsample"] = {"fpd_max_events": nf, "kpd_batch_size": kb, "kpd_batches": sub["kpd_batches"],
                          "classifier_events_per_class": ncl, "voxel_classifier_events_per_class": nv,
                          "prdc_events": npr, "floor_half_sizes": [len(half_a), len(half_b)],
-                         "generated_at_floor_size": len(gen_b)}  # fmt: skip
+                         "generated_at_floor_size": len(gen_b), "gen_test_events": sub["gen_test_events"],
+                         "n_boot": n_boot, "mode_classifier_events": sub["mode_classifier_events"],
+                         "clusters": sub["clusters"]}  # fmt: skip
     return tests, info
 
 
@@ -649,13 +656,22 @@ def _html(summary: dict[str, Any], plots: list[Path]) -> str:
     )
     n_fail = sum(not r["passed"] for r in rows)
     sizes = html.escape(json.dumps(summary["subsample"], indent=1))
+    families: dict[str, list[int]] = {}
+    for r in rows:
+        fam = families.setdefault(r["name"].split("/")[0], [0, 0])
+        fam[0] += 1
+        fam[1] += not r["passed"]
+    overview = "".join(f"<tr class='{'bad' if f else 'ok'}'><td>{html.escape(k)}</td><td>{n}</td><td>{f}</td></tr>"
+                       for k, (n, f) in sorted(families.items()))  # fmt: skip
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Validation: {summary['verdict']}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd;font-size:90%}}
 .bad{{background:#fdd}} .ok{{}} img{{max-width:100%}} .PASS{{color:green}} .FAIL{{color:#b00}}</style></head><body>
 <h1>Validation verdict: <span class="{summary['verdict']}">{summary['verdict']}</span></h1>
 <p>{len(rows)} tests, {n_fail} failed (Holm-corrected at alpha = {summary['alpha']}). Generated events in file:
 {summary['generated_events_in_file']}, condition-matched: {summary['generated_events_matched']}; real test events:
-{summary['real_events']}.</p><h2>Subsample sizes</h2><pre>{sizes}</pre>
+{summary['real_events']}.</p>
+<h2>Test families</h2><table><tr><th>family</th><th>tests</th><th>failed</th></tr>{overview}</table>
+<h2>Subsample sizes</h2><pre>{sizes}</pre>
 <h2>Plots</h2>{imgs}
 <h2>Tests (failed first)</h2><table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table></body></html>
 """
@@ -733,15 +749,19 @@ def run(
         "bins_used": info["bins_used"],
         "mode_method": info["modes"]["method"],
         "seconds": {"total": None, "read_generated": gen.read_seconds, "features_generated": gen.feature_seconds,
-                    "stream_generated": gen.stream_seconds},  # fmt: skip
+                    "stream_generated": gen.stream_seconds, **info["seconds"]},  # fmt: skip
         "metrics": [t.as_dict() for t in tests],
     }
     plot_paths: list[Path] = []
     if plots:
         from surrogate import plots as P
 
-        plot_paths = P.make_all(out / "plots", real, gen, info, binning, settings["hist_bins"], history)
+        t0 = time.perf_counter()
+        plot_paths = P.make_all(out / "plots", real, gen, info, binning, settings["hist_bins"], history,
+                                settings["subsample"]["gen_test_events"])  # fmt: skip
+        summary["seconds"]["plots"] = time.perf_counter() - t0
     summary["seconds"]["total"] = time.perf_counter() - t_start
+    dump_config(cfg, out / "config.yaml")  # the resolved configuration beside the outputs
     write_json(out / "summary.json", summary)
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(_html(summary, plot_paths))
