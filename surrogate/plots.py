@@ -45,7 +45,8 @@ def _feature_edges(r: np.ndarray, g: np.ndarray, bins: int) -> tuple[np.ndarray,
     """Histogram edges covering the central 99% of both samples; log-spaced (and True) for a
     non-negative feature (not a fraction) whose positive values span more than two decades, as energies do."""
     pos_r, pos_g = r[r > 0], g[g > 0]
-    if r.min() >= 0 and g.min() >= 0 and len(pos_r) > 0.5 * len(r) and len(pos_g) > 0:
+    # at least 5% of positive values: a layer that most showers never reach still gets a log axis
+    if r.min() >= 0 and g.min() >= 0 and len(pos_r) > 0.05 * len(r) and len(pos_g) > 0:
         lo = min(np.quantile(pos_r, 0.005), np.quantile(pos_g, 0.005))
         hi = max(np.quantile(pos_r, 0.995), np.quantile(pos_g, 0.995))
         if hi > 100 * lo and hi > 1.0:  # fractions (at most 1) stay on a linear axis
