@@ -33,6 +33,7 @@ import torch
 
 from surrogate import generate
 from surrogate.config import load_config
+from surrogate.device import resolve_precision
 from surrogate.simulate import simulate_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def main() -> None:
         pre = Preprocessor.from_dict(meta["preprocessing"])
 
         fw = forward_rates(G, len(meta["condition_names"]))
-        precision = generate.resolve_precision(cfg["generate"]["precision"], torch.device("cpu"))
+        precision = resolve_precision(cfg["generate"]["precision"], torch.device("cpu"))
         result.update(
             precision=precision,
             forward_eps_fp32=fw["fp32"][0], forward_batch_fp32=fw["fp32"][1],

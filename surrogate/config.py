@@ -106,9 +106,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return cfg
 
 
-def load_config(path: str | Path = "config.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML config, apply overrides, validate, and return the resolved dict."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
@@ -117,8 +115,34 @@ def load_config(path: str | Path = "config.yaml", overrides: Sequence[str] = ())
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on top of ``base``: sections merge key by key, anything else is replaced (as
+    Snakemake merges ``--configfile`` overlays)."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(
+    path: str | Path | Sequence[str | Path] = "config.yaml", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Read a YAML config (or several: each later file overlays the ones before it, e.g.
+    ``config.yaml`` then ``config/quality.yaml``), apply overrides, validate, return the resolved dict."""
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not paths:
+        raise ConfigError("no config file given")
+    raw: dict[str, Any] = {}
+    for p in paths:
+        raw = _merge(raw, _read_yaml(p))
     raw = apply_overrides(raw, overrides)
-    return validate_config(raw, source=str(path))
+    return validate_config(raw, source=" + ".join(map(str, paths)))
 
 
 def dump_config(cfg: dict[str, Any], path: str | Path) -> None:
@@ -132,7 +156,14 @@ def dump_config(cfg: dict[str, Any], path: str | Path) -> None:
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Argument parser with the options every stage shares: --config, --set, --log-level."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", default="config.yaml", help="YAML config file (default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="YAML config file (default: config.yaml); repeat to overlay presets: --config config.yaml "
+        "--config config/quality.yaml",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -150,6 +181,7 @@ def parse_stage_args(
 ) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Parse argv, set up logging, load and validate the config; config errors exit 2 with one message."""
     args = parser.parse_args(argv)
+    args.config = args.config or ["config.yaml"]
     setup_logging(args.log_level)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -35,6 +35,7 @@ import torch
 
 import surrogate
 from surrogate.config import parse_stage_args, stage_parser
+from surrogate.device import resolve_device, resolve_precision
 from surrogate.io import ProgressBar, atomic_path, setup_logging, sha256_file
 
 __all__ = [
@@ -43,8 +44,6 @@ __all__ = [
     "FORMAT_VERSION",
     "shard_bounds",
     "shard_seeds",
-    "resolve_device",
-    "resolve_precision",
     "load_conditions_file",
     "make_conditions",
     "check_conditions",
@@ -96,33 +95,6 @@ def shard_seeds(seed: int, shards: int, shard: int) -> tuple[np.random.SeedSeque
     cond_ss, latent_ss = child.spawn(2)
     # torch.Generator.manual_seed takes a 64-bit value; keep it positive
     return cond_ss, int(latent_ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GenerateError("generate.device is 'cuda' but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def _cpu_has_native_bf16() -> bool:
-    # AMX / AVX512-BF16 run bf16 matrix products natively; elsewhere bf16 is emulated and slow
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on devices that run it natively (CUDA with bf16, AMX/AVX512-BF16 CPUs), else ``fp32``."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_native_bf16() else "fp32"
 
 
 # --------------------------------------------------------------------------- conditions
@@ -525,7 +497,7 @@ def _run(
     from surrogate.models import load_generator
     from surrogate.preprocess import Preprocessor
 
-    device = resolve_device(gcfg["device"])
+    device = resolve_device(gcfg["device"], GenerateError)
     precision = resolve_precision(gcfg["precision"], device)
     batch_size = int(gcfg["batch_size"])
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     A crash or exception inside the block leaves no file at ``path`` (and no temporary
-    file either), so a reader never sees a half-written output.
+    file either), so a reader never sees a half-written output. The temporary name carries the
+    host and process id, ``.NAME.HOST.PID.XXXX.tmp``: one left behind by a writer that was killed
+    (``kill -9``, OOM) on this host is removed the next time ``path`` is written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    host = socket.gethostname().replace(".", "_")
+    _remove_dead_temporaries(path, host)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{host}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes the file private (0600); outputs get the permissions a plain open() would give
@@ -37,6 +43,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _remove_dead_temporaries(path: Path, host: str) -> None:
+    """Delete ``atomic_path`` temporaries of ``path`` written on ``host`` by processes that no longer run."""
+    prefix = f".{path.name}.{host}."
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix) :].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        logging.getLogger(__name__).warning("removing %s, left by killed process %s", tmp, pid)
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -20,7 +20,8 @@ from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator  # noqa: E402
 
 from surrogate.io import atomic_path  # noqa: E402
 
-__all__ = ["feature_histograms", "response_plot", "mode_plot", "layer_plot", "training_curves", "make_all"]
+__all__ = ["feature_histograms", "histogram_sample", "response_plot", "mode_plot", "layer_plot", "training_curves",
+           "make_all"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def feature_histograms(
     values cover more than two decades (energies) get log-spaced bins on a log axis, and their share of
     events at zero is written in the panel.
     """
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for page, start in enumerate(range(0, len(names), per_page)):
         cols = names[start : start + per_page]
@@ -234,16 +236,25 @@ def training_curves(out_dir: Path, history: str | Path) -> Path | None:
     return _save(fig, out_dir / "training_curves.png")
 
 
+def histogram_sample(gen_features: np.ndarray, max_hist_events: int) -> np.ndarray:
+    """Every ``k``-th generated event, at most ``max_hist_events``, for the feature histograms: binning
+    and histogramming 1M events per feature cost more than drawing the page, for no visible gain."""
+    return gen_features[:: max(1, -(-len(gen_features) // max_hist_events))]
+
+
 def make_all(out_dir: Path, real: Any, gen: Any, info: dict[str, Any], binning: Any, bins: int,
-             history: str | Path | None, max_hist_events: int = 100_000) -> list[Path]:  # fmt: skip
+             history: str | Path | None, max_hist_events: int = 100_000,
+             histograms: list[Path] | None = None) -> list[Path]:  # fmt: skip
     """All validation plots; returns the written paths.
 
-    The feature histograms use every ``k``-th generated event, at most ``max_hist_events``: binning
-    and histogramming 1M events per feature cost more than drawing the page, for no visible gain.
+    ``histograms``: the pages of :func:`feature_histograms` when the caller drew them already (the
+    validate stage does, in its second process); otherwise they are drawn here.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stride = max(1, -(-len(gen.features) // max_hist_events))
-    paths = feature_histograms(out_dir, real.features, gen.features[::stride], real.names, bins)
+    if histograms is None:
+        histograms = feature_histograms(out_dir, real.features, histogram_sample(gen.features, max_hist_events),
+                                        real.names, bins)  # fmt: skip
+    paths = list(histograms)
     if info["response"]:
         paths.append(response_plot(out_dir, info["response"]))
     e = [0.0, *(binning.energy_edges_mev / 1000.0), np.inf]

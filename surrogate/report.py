@@ -230,7 +230,7 @@ def run(
     cfg: dict[str, Any],
     results: str | Path,
     out_dir: str | Path,
-    config_path: str | Path | None = None,
+    config_path: str | Path | Sequence[str | Path] | None = None,
     root: Path | None = None,
 ) -> dict[str, Any]:
     """Log the pipeline run under ``results`` to MLflow; write ``out_dir/mlflow_run.json``; return it."""
@@ -327,7 +327,7 @@ def _note(verdict: str, info: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
-def _artifacts(results: Path, config_path: str | Path | None) -> list[tuple[Path, str]]:
+def _artifacts(results: Path, config_path: str | Path | Sequence[str | Path] | None) -> list[tuple[Path, str]]:
     """(file, artifact sub-directory) pairs that exist."""
     candidates = [
         (results / "validate" / "report.html", "validate"),
@@ -338,8 +338,9 @@ def _artifacts(results: Path, config_path: str | Path | None) -> list[tuple[Path
         (results / "generate" / "summary.json", "generate"),
     ]
     candidates += [(p, "validate/plots") for p in sorted((results / "validate" / "plots").glob("*.png"))]
-    if config_path is not None:
-        candidates.append((Path(config_path), "config"))
+    if config_path is not None:  # one file, or the overlays given to --config
+        paths = [config_path] if isinstance(config_path, str | Path) else config_path
+        candidates += [(Path(p), "config") for p in paths]
     return [(p, d) for p, d in candidates if p.exists()]
 
 

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from surrogate.config import dump_config, parse_stage_args, stage_parser
+from surrogate.device import resolve_device, resolve_precision
 from surrogate.io import ProgressBar, atomic_path, write_json
 from surrogate.losses import critic_loss, drift_penalty, generator_loss, gradient_penalty, wasserstein_estimate
 from surrogate.models import FORMAT_VERSION, ModelConfig, build_models, count_parameters
@@ -59,8 +60,6 @@ __all__ = [
     "NonFiniteError",
     "LoopSettings",
     "TrainState",
-    "resolve_device",
-    "resolve_precision",
     "model_config_from",
     "loop_settings_from",
     "train_steps",
@@ -122,37 +121,6 @@ def loop_settings_from(train: dict[str, Any], precision: str) -> LoopSettings:
         drift_epsilon=train["drift_epsilon"], lr_g=train["lr_g"], lr_d=train["lr_d"],
         betas=tuple(train["betas"]), ema_decay=train["ema_decay"], precision=precision,
     )  # fmt: skip
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error.
-
-    Data-parallel ranks on CUDA take GPU ``local_rank``.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError("device is 'cuda' but torch sees no CUDA device (use device: auto or cpu)")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA with bf16 support and on CPUs with native bf16, else fp32."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_native_bf16() else "fp32"
 
 
 def _rank_seed(seed: int, rank: int, attempt: int = 0) -> int:
@@ -513,7 +481,7 @@ def run(
     previous_threads = torch.get_num_threads()
     created_group = False
     try:
-        device = resolve_device(cfg.get("device", "auto"), local_rank)
+        device = resolve_device(cfg.get("device", "auto"), TrainError, local_rank)
         if world > 1:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             threads = max(1, (threads or os.cpu_count() or 1) // local_world)

@@ -38,6 +38,7 @@ import html
 import json
 import logging
 import math
+import multiprocessing
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -390,7 +391,7 @@ def _mode_classifier(train: RealSample | None, n_train: int, iters: int, seed: i
         return None
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(train.mode), size=min(n_train, len(train.mode)), replace=False)
-    clf = HistGradientBoostingClassifier(max_iter=iters, random_state=seed)
+    clf = HistGradientBoostingClassifier(max_iter=iters, early_stopping=True, random_state=seed)
     return clf.fit(_mode_inputs(train)[idx], train.mode[idx])
 
 
@@ -435,11 +436,15 @@ def evaluate(
     settings: dict[str, Any],
     seed: int,
     floors: dict[str, Any] | None = None,
+    floors_only: bool = False,
 ) -> tuple[list[Test], dict[str, Any]]:
     """All tests (before Holm) and the data the plots need.
 
     ``floors`` caches the real-vs-real results by name: they depend only on the real sample, the
     settings and the seed, so validating several generated files against one dataset reuses them.
+    ``floors_only``: fill ``floors`` and skip the expensive generated-side computations (their
+    tests then carry the floor's value and are meaningless): :func:`run` does this in a second
+    process while it streams the generated file.
     """
     sub, mar = settings["subsample"], settings["margins"]
     nb, n_boot, alpha = settings["hist_bins"], settings["n_boot"], settings["alpha"]
@@ -451,6 +456,10 @@ def evaluate(
         if key not in cache:
             cache[key] = metric(*args, **kwargs)
         return cache[key]
+
+    def generated(stand_in: Any, metric: Any, *args: Any, **kwargs: Any) -> Any:
+        """``metric(*args, **kwargs)`` on the generated sample; ``stand_in`` (the floor) when floors_only."""
+        return stand_in if floors_only else metric(*args, **kwargs)
 
     tests: list[Test] = []
     n = len(real.energy)
@@ -468,23 +477,30 @@ def evaluate(
             edges = np.quantile(rfull[:, j], np.linspace(0, 1, nb + 1))
             key = f"separation/{prefix}/{name}"
             s = _seed_of(seed, key)
-            sv, se = M.separation_power(ra[:, j], gsub[:, j], bins=edges, n_boot=n_boot, seed=s)
             fv, fe = floor(key, M.separation_power, ra[:, j], rb[:, j], bins=edges, n_boot=n_boot, seed=s)
+            sv, se = generated((fv, fe), M.separation_power, ra[:, j], gsub[:, j], bins=edges, n_boot=n_boot, seed=s)
             tests.append(_worse_than_floor(key, sv, se, fv, fe, mar["separation"]))
             if np.std(ra[:, j]) > 0:
                 key = f"wasserstein/{prefix}/{name}"
-                wv, we = M.wasserstein_scaled(ra[:, j], gsub[:, j], n_boot=n_boot, seed=s)
                 fv, fe = floor(key, M.wasserstein_scaled, ra[:, j], rb[:, j], n_boot=n_boot, seed=s)
+                wv, we = generated((fv, fe), M.wasserstein_scaled, ra[:, j], gsub[:, j], n_boot=n_boot, seed=s)
                 tests.append(_worse_than_floor(key, wv, we, fv, fe, mar["wasserstein"]))
-            # n_boot=0: the p-value decides. ``g`` is capped at subsample.gen_test_events: with n_gen >> n_real
-            # the test's power is set by n_real (effective size n_r n_g / (n_r + n_g)), not by n_gen
-            kv = M.ks(rfull[:, j], g[:, j], n_boot=0, seed=s)[0]
+            # n_boot=0: the p-value decides. ``g`` is capped by gen_cap: with n_gen >> n_real the
+            # test's power is set by n_real (effective size n_r n_g / (n_r + n_g)), not by n_gen
             kf = floor(f"ks/{prefix}/{name}", M.ks, ra[:, j], rb[:, j], n_boot=0, seed=s)[0]
+            # asymptotic p-value: the exact one costs ms per test for bins with <= 10000 generated events, and
+            # the asymptotic law is slightly conservative at these sizes (effective size hundreds or more)
+            kv = generated((kf,), M.ks, rfull[:, j], g[:, j], n_boot=0, seed=s, method="asymp")[0]
             tests.append(_pvalue_test(f"ks/{prefix}/{name}", kv["statistic"], kv["pvalue"], kf["pvalue"], alpha))
+
+    def gen_cap(n_real: int) -> int:
+        """Generated events in a KS or G-test beside ``n_real`` real ones: the power is set by the
+        effective size n_r n_g / (n_r + n_g), already 0.91 n_r at n_g = 10 n_r."""
+        return min(sub["gen_test_events"], sub["gen_test_ratio"] * n_real)
 
     rf, gf = real.features, gen.features
     with _quiet_metrics():
-        one_d("all", rf[half_a], rf[half_b], rf, gf[_sub(np.arange(len(gf)), sub["gen_test_events"], rng)], gf[gen_b])
+        one_d("all", rf[half_a], rf[half_b], rf, gf[_sub(np.arange(len(gf)), gen_cap(n), rng)], gf[gen_b])
     bins_used = []
     small = [binning.label(b) for b in range(binning.n_bins) if 0 < np.sum(real_bins == b) < M.MIN_EVENTS_1D]
     if small:
@@ -499,12 +515,12 @@ def evaluate(
         g_all = np.flatnonzero(gen_bins == b)
         g_sub = _sub(g_all, len(rb), rng)
         with _quiet_metrics():
-            one_d(binning.label(b), rf[ra], rf[rb], rf[rb_all], gf[_sub(g_all, sub["gen_test_events"], rng)], gf[g_sub])
+            one_d(binning.label(b), rf[ra], rf[rb], rf[rb_all], gf[_sub(g_all, gen_cap(len(rb_all)), rng)], gf[g_sub])
             # diversity at fixed conditions: spread of the generated features inside one condition bin
             key = f"diversity/{binning.label(b)}"
             s = _seed_of(seed, key)
-            dv, de = M.diversity_ratio(rf[ra], gf[g_sub], n_boot=n_boot, seed=s)
             fv, fe = floor(key, M.diversity_ratio, rf[ra], rf[rb], n_boot=n_boot, seed=s)
+            dv, de = generated((fv, fe), M.diversity_ratio, rf[ra], gf[g_sub], n_boot=n_boot, seed=s)
         tests.append(_worse_than_floor(key, dv, de, fv, fe, mar["diversity"], False))
     info["bins_used"] = [binning.label(b) for b in bins_used]
 
@@ -541,13 +557,13 @@ def evaluate(
     s = _seed_of(seed, "fpd")
     # generated value from the same sample sizes as the floor (half A vs |B| generated events): the
     # extrapolation removes the resampling bias, not the finite-sample distance between two samples
-    gv = M.fpd(rf[half_a], gf[gen_b], seed=s, **fpd_kw)
     fv = floor("fpd", M.fpd, rf[half_a], rf[half_b], seed=s, **fpd_kw)
+    gv = generated(fv, M.fpd, rf[half_a], gf[gen_b], seed=s, **fpd_kw)
     tests.append(_worse_than_floor("fpd", gv[0], gv[1], fv[0], fv[1], mar["fpd"]))
     kb = min(sub["kpd_batch_size"], len(half_a), len(half_b))
     s = _seed_of(seed, "kpd")
-    gv = M.kpd(rf[half_a], gf[gen_b], num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
     fv = floor("kpd", M.kpd, rf[half_a], rf[half_b], num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
+    gv = generated(fv, M.kpd, rf[half_a], gf[gen_b], num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
     tests.append(_worse_than_floor("kpd", gv[0], gv[1], fv[0], fv[1], mar["kpd"]))
 
     t_sec = _lap(t_sec, "FPD/KPD", info["seconds"])
@@ -555,28 +571,28 @@ def evaluate(
     ncl = min(sub["classifier_events"], len(half_a), len(half_b))
     kw = {"max_events": ncl, "max_iter": sub["classifier_iterations"], "n_boot": n_boot,
           "seed": _seed_of(seed, "classifier_auc")}  # fmt: skip
-    gv = M.classifier_auc(rf[half_a], gf[gen_b], **kw)
     fv = floor("classifier_auc/features", M.classifier_auc, rf[half_a], rf[half_b], **kw)
+    gv = generated(fv, M.classifier_auc, rf[half_a], gf[gen_b], **kw)
     tests.append(_worse_than_floor("classifier_auc/features", gv[0], gv[1], fv[0], fv[1], mar["auc"]))
     nv = min(sub["voxel_classifier_events"], len(half_a), len(half_b), len(gen.voxels))
     kw["max_events"] = nv
     va, vb = real.showers[half_a], real.showers[half_b]
-    gv = M.classifier_auc(va, gen.voxels, **kw)
     fv = floor(f"classifier_auc/voxels@{nv}", M.classifier_auc, va, vb, **kw)
+    gv = generated(fv, M.classifier_auc, va, gen.voxels, **kw)
     tests.append(_worse_than_floor("classifier_auc/voxels", gv[0], gv[1], fv[0], fv[1], mar["auc"]))
 
     t_sec = _lap(t_sec, "classifier AUCs", info["seconds"])
     # PRDC at equal sizes
     npr = min(sub["prdc_events"], len(half_a), len(half_b))
     s = _seed_of(seed, "prdc")
-    gv = M.prdc(rf[half_a], gf[gen_b], k=sub["prdc_k"], max_events=npr, seed=s)
     fv = floor("prdc", M.prdc, rf[half_a], rf[half_b], k=sub["prdc_k"], max_events=npr, seed=s)
+    gv = generated(fv, M.prdc, rf[half_a], gf[gen_b], k=sub["prdc_k"], max_events=npr, seed=s)
     for key in ("precision", "recall", "density", "coverage"):
         tests.append(_worse_than_floor(f"prdc/{key}", gv[0][key], gv[1][key], fv[0][key], fv[1][key], mar["prdc"],
                                        False))  # fmt: skip
     s = _seed_of(seed, "diversity/all")
-    dv = M.diversity_ratio(rf[half_a], gf[gen_b], n_boot=n_boot, seed=s)
     fv = floor("diversity/all", M.diversity_ratio, rf[half_a], rf[half_b], n_boot=n_boot, seed=s)
+    dv = generated(fv, M.diversity_ratio, rf[half_a], gf[gen_b], n_boot=n_boot, seed=s)
     tests.append(_worse_than_floor("diversity/all", dv[0], dv[1], fv[0], fv[1], mar["diversity"], False))
 
     t_sec = _lap(t_sec, "PRDC/diversity", info["seconds"])
@@ -584,9 +600,12 @@ def evaluate(
     clf = floor("mode_classifier", _mode_classifier, train, sub["mode_classifier_events"],
                 sub["classifier_iterations"], _seed_of(seed, "mode_classifier"))  # fmt: skip
     # generated events capped like the KS tests: the G-test's power is set by the real counts
-    g_mode = _sub(np.arange(len(gen.energy)), sub["gen_test_events"], rng)
-    labels = None if clf is None else (floor("mode_labels/real", _predict_modes, clf, real),
-                                       _predict_modes(clf, gen, g_mode))  # fmt: skip
+    g_mode = _sub(np.arange(len(gen.energy)), gen_cap(n), rng)
+    if clf is None:
+        labels = None
+    else:
+        lr = floor("mode_labels/real", _predict_modes, clf, real)
+        labels = (lr, generated(lr[: len(g_mode)], _predict_modes, clf, gen, g_mode))
     n_modes = max(len(real.mode_names), 1)
     modes: dict[str, Any] = {"names": real.mode_names, "bins": {}}
     if labels is not None:
@@ -609,9 +628,9 @@ def evaluate(
         modes["method"] = "truth-mode classifier (HistGradientBoosting on train-split features)"
     else:
         s = _seed_of(seed, "cluster_occupancy")
-        v, _ = M.cluster_occupancy(rf, gf, k=sub["clusters"], seed=s)
         fv, _ = floor("cluster_occupancy", M.cluster_occupancy, rf[half_a], rf[half_b], k=sub["clusters"],
                       seed=s)  # fmt: skip
+        v, _ = generated((fv, None), M.cluster_occupancy, rf, gf, k=sub["clusters"], seed=s)
         tests.append(_pvalue_test("cluster_occupancy/all", v["statistic"], v["pvalue"], fv["pvalue"], alpha))
         modes["method"] = "k-means occupancy (no truth modes in the test split)"
     t_sec = _lap(t_sec, "mode coverage", info["seconds"])
@@ -620,9 +639,32 @@ def evaluate(
                          "classifier_events_per_class": ncl, "voxel_classifier_events_per_class": nv,
                          "prdc_events": npr, "floor_half_sizes": [len(half_a), len(half_b)],
                          "generated_at_floor_size": len(gen_b), "gen_test_events": sub["gen_test_events"],
+                         "gen_test_ratio": sub["gen_test_ratio"],
                          "n_boot": n_boot, "mode_classifier_events": sub["mode_classifier_events"],
                          "clusters": sub["clusters"]}  # fmt: skip
     return tests, info
+
+
+def _floors(real: RealSample, train: RealSample | None, binning: Binning, settings: dict[str, Any],
+            seed: int) -> dict[str, Any]:  # fmt: skip
+    """Every real-vs-real floor of :func:`evaluate` (run in the second process)."""
+    n_vox = min(settings["subsample"]["voxel_classifier_events"], len(real.showers))
+    # the real sample stands in for the generated one; evaluate(floors_only=True) skips its metrics
+    stand_in = GeneratedSample(real.features, real.energy, real.eta, real.pdg, real.showers[:n_vox], len(real.energy),
+                               0, 0.0, None, 0.0)  # fmt: skip
+    floors: dict[str, Any] = {}
+    with threadpool_limits(limits=settings["sklearn_threads"]), _quiet_metrics():
+        evaluate(real, stand_in, train, binning, settings, seed, floors, floors_only=True)
+    return floors
+
+
+def _start_floors(
+    real: RealSample, train: RealSample | None, binning: Binning, settings: dict[str, Any], seed: int
+) -> tuple[cf.ProcessPoolExecutor, cf.Future]:
+    """:func:`_floors` in a fresh ("spawn": no forked locks or OpenMP state) process; its results are
+    the same numbers the serial path computes (same seeds, same thread limits)."""
+    pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return pool, pool.submit(_floors, real, train, binning, settings, seed)
 
 
 def apply_holm(tests: list[Test], alpha: float) -> None:
@@ -689,6 +731,10 @@ def run(
 ) -> dict[str, Any]:
     """Validate ``generated`` against the test split of ``dataset``; write the outputs in ``out``.
 
+    With ``validate.floor_process`` a second process is started the "spawn" way, which imports the
+    calling script again: call ``run`` from a script under ``if __name__ == "__main__":`` (if the
+    second process fails, the floors are computed in this one, with the same results, only slower).
+
     ``reuse``: an (initially empty) dict kept by a caller that validates several generated files
     against the same dataset in one process; the real samples and every real-vs-real floor are
     stored in it under the dataset's identity (path, size, mtime), the seed and the settings, and
@@ -718,20 +764,47 @@ def run(
         np.asarray(settings["energy_edges_gev"], float) * 1000.0, np.asarray(settings["eta_edges"], float), particles
     )
     real_bins = binning.index(real.energy, real.eta, real.pdg)
-    gen = load_generated(generated, real.geometry, real.names, binning, real_bins,
-                         cap=settings["max_generated_events"], chunk_events=settings["chunk_events"],
-                         voxel_events=settings["subsample"]["voxel_classifier_events"], threads=threads,
-                         rng=np.random.default_rng(s_match))  # fmt: skip
-    log.info("generated: %d events in file, %d matched to the real conditions", gen.rows_in_file, len(gen.energy))
     if "train" not in state:
         state["train"] = None
         if np.all(real.mode >= 0):
             state["train"] = load_real(dataset, "train", max_rows=settings["subsample"]["mode_classifier_events"])
     train = state["train"]
-    # OpenMP (HistGradientBoosting, k-means) gets its own thread count: spinning OpenMP workers on
-    # shared, oversubscribed cores made the classifier fits 4x slower with 2 threads than with 1.
-    with threadpool_limits(limits=settings["sklearn_threads"]):
-        tests, info = evaluate(real, gen, train, binning, settings, s_eval, state.setdefault("floors", {}))
+    floors = state.setdefault("floors", {})
+    # The real-vs-real floors need only the real samples: a second process computes them while
+    # this one reads the generated file (it holds the GIL while HDF5 decompresses).
+    helper = _start_floors(real, train, binning, settings, s_eval) if settings["floor_process"] and not floors else None
+    try:
+        gen = load_generated(generated, real.geometry, real.names, binning, real_bins,
+                             cap=settings["max_generated_events"], chunk_events=settings["chunk_events"],
+                             voxel_events=settings["subsample"]["voxel_classifier_events"], threads=threads,
+                             rng=np.random.default_rng(s_match))  # fmt: skip
+        log.info("generated: %d events in file, %d matched to the real conditions", gen.rows_in_file, len(gen.energy))
+        pages = None
+        if helper is not None:
+            t0 = time.perf_counter()
+            try:
+                floors.update(helper[1].result())
+                log.info("real-vs-real floors from the second process (waited %.1f s)", time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - any failure there only costs time: the floors are computed here
+                log.warning("the second process failed (%s: %s); computing the floors in this one",
+                            type(exc).__name__, exc)  # fmt: skip
+                helper[0].shutdown(wait=False, cancel_futures=True)
+                helper = None
+        if helper is not None:
+            if plots:  # the feature histograms need only the features: drawn there while the tests run here
+                from surrogate import plots as P
+
+                pages = helper[0].submit(P.feature_histograms, out / "plots", real.features,
+                                         P.histogram_sample(gen.features, settings["subsample"]["gen_test_events"]),
+                                         real.names, settings["hist_bins"])  # fmt: skip
+        # OpenMP (HistGradientBoosting, k-means) gets its own thread count: spinning OpenMP workers on
+        # shared, oversubscribed cores made the classifier fits 4x slower with 2 threads than with 1.
+        with threadpool_limits(limits=settings["sklearn_threads"]):
+            tests, info = evaluate(real, gen, train, binning, settings, s_eval, floors)
+        histograms = None if pages is None else pages.result()
+    finally:
+        if helper is not None:
+            helper[0].shutdown(wait=True, cancel_futures=True)
     apply_holm(tests, settings["alpha"])
     verdict = "PASS" if all(t.passed for t in tests) else "FAIL"
     failed = [t.name for t in tests if not t.passed]
@@ -758,7 +831,7 @@ def run(
 
         t0 = time.perf_counter()
         plot_paths = P.make_all(out / "plots", real, gen, info, binning, settings["hist_bins"], history,
-                                settings["subsample"]["gen_test_events"])  # fmt: skip
+                                settings["subsample"]["gen_test_events"], histograms)  # fmt: skip
         summary["seconds"]["plots"] = time.perf_counter() - t0
     summary["seconds"]["total"] = time.perf_counter() - t_start
     dump_config(cfg, out / "config.yaml")  # the resolved configuration beside the outputs

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surrogate.config import ConfigError, apply_overrides, load_config, validate_config
+from surrogate.config import ConfigError, apply_overrides, load_config, parse_stage_args, stage_parser, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config.yaml"
@@ -104,3 +104,27 @@ def test_stage_cli_rejects_unknown_key(stage, tmp_path):
     assert out.returncode == 2
     assert "nonsense_key" in out.stderr
     assert not any(tmp_path.iterdir()), "a rejected config must write nothing"
+
+
+def test_config_files_overlay_in_order(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("train:\n  steps: 7\n  generator: {width: 32}\n")
+    cfg = load_config([CONFIG, preset], ["train.max_minutes=1.5"])
+    base = load_config(CONFIG)
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["generator"]["width"] == 32
+    # sections merge key by key: untouched keys keep the base file's values
+    assert cfg["train"]["generator"]["depth"] == base["train"]["generator"]["depth"]
+    assert cfg["train"]["batch_size"] == base["train"]["batch_size"] and cfg["train"]["max_minutes"] == 1.5
+    preset.write_text("train:\n  stepz: 7\n")
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config([CONFIG, preset])
+
+
+def test_stage_cli_takes_config_overlays(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("simulate:\n  events: 123\n")
+    parser = stage_parser("prog", "d")
+    args, cfg = parse_stage_args(parser, ["--config", str(CONFIG), "--config", str(preset)])
+    assert cfg["simulate"]["events"] == 123
+    args, cfg = parse_stage_args(stage_parser("prog", "d"), ["--config", str(CONFIG)])
+    assert cfg["simulate"]["events"] == load_config(CONFIG)["simulate"]["events"]

@@ -291,8 +291,10 @@ def test_kill_mid_write_leaves_no_file_and_rerun_succeeds(env, tmp_path):
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists(), "a killed shard must leave no file at the output path"
+    assert tmp[0].exists(), "kill -9 leaves its temporary behind"
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    assert not list(tmp_path.glob(".shard-0.h5.*.tmp")), "the rerun removes the killed writer's temporary"
     with h5py.File(out, "r") as f:
         assert f["showers"].shape == (12000, 533)
         assert json.loads(f.attrs["geometry"])

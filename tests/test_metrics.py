@@ -89,6 +89,23 @@ def test_separation_power_known_answers():
     assert M.separation_power(np.zeros(10), np.ones(10), n_boot=5)[0] == pytest.approx(1.0)
 
 
+def test_fast_bootstrap_errors_equal_the_resampling_loop():
+    # the separation-power and W1 errors re-weight one sort/binning instead of resampling values;
+    # with the same seed they must equal the plain loop over resampled arrays
+    a, b = _normal(700, 0, 11), _normal(500, 0, 12) + 0.3
+    edges = M._quantile_edges(a, 12)
+    loop = M._bootstrap(lambda r, g: np.array(M._separation(r, g, edges)), a, b, 15, seed=3)[0]
+    assert M.separation_power(a, b, bins=12, n_boot=15, seed=3)[1] == pytest.approx(loop, rel=1e-12)
+    loop = M._bootstrap(lambda r, g: np.array(stats.wasserstein_distance(r, g)), a, b, 15, seed=4)[0]
+    assert M.wasserstein_scaled(a, b, n_boot=15, seed=4)[1] * a.std() == pytest.approx(loop, rel=1e-9)
+    # the weighted form is scipy's weighted W1, ties included
+    rng = np.random.default_rng(5)
+    x, y = np.round(a, 1), np.round(b, 1)
+    wx, wy = rng.integers(0, 4, len(x)), rng.integers(0, 4, len(y))
+    ref = stats.wasserstein_distance(x, y, u_weights=wx, v_weights=wy)
+    assert M._WeightedW1(x, y)(wx, wy) == pytest.approx(ref, rel=1e-12)
+
+
 def test_ks_equals_scipy_and_separates():
     a, b = _normal(800, 0, 3), _normal(600, 0, 4)
     value, err = M.ks(a, b, n_boot=20)

@@ -6,7 +6,10 @@ modes) and an independent "generated" sample; each test derives its generated fi
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
+import multiprocessing
+import os
 from pathlib import Path
 from typing import Any
 
@@ -177,16 +180,37 @@ SMALL = [*OVERRIDES, "validate.min_bin_events=1000000", "validate.subsample.clas
 
 def test_reused_floors_change_no_result(dataset, independent, tmp_path: Path) -> None:
     """Floors computed for one generated sample and reused for another equal freshly computed ones
-    (their seeds derive from the test names, not from the order of computation)."""
-    cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml", SMALL)
+    (their seeds derive from the test names, not from the order of computation), and floors
+    computed in the second process equal those computed in line."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml", [*SMALL, "validate.floor_process=true"])
+    serial = load_config(Path(__file__).resolve().parents[1] / "config.yaml", [*SMALL, "validate.floor_process=false"])
     reuse: dict[Any, Any] = {}
     first, second = {k: v[:2000] for k, v in independent.items()}, {k: v[2000:4000] for k, v in independent.items()}
     for name in ("first", "second", "fresh"):
         (tmp_path / name).mkdir()
     _run(cfg, dataset, first, tmp_path / "first", reuse, plots=False)
     cached = _run(cfg, dataset, second, tmp_path / "second", reuse, plots=False)
-    fresh = _run(cfg, dataset, second, tmp_path / "fresh", None, plots=False)
+    fresh = _run(serial, dataset, second, tmp_path / "fresh", None, plots=False)
     assert cached["metrics"] == fresh["metrics"]
+
+
+def test_failed_second_process_falls_back(dataset, independent, tmp_path: Path, monkeypatch) -> None:
+    """If the floors' second process dies, the stage computes them itself: same metrics, no error."""
+
+    def dying(*args: Any) -> tuple[cf.ProcessPoolExecutor, cf.Future]:
+        pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return pool, pool.submit(os._exit, 3)
+
+    root = Path(__file__).resolve().parents[1] / "config.yaml"
+    ev = {k: v[:2000] for k, v in independent.items()}
+    for name in ("inline", "fallback"):
+        (tmp_path / name).mkdir()
+    inline = _run(load_config(root, [*SMALL, "validate.floor_process=false"]), dataset, ev, tmp_path / "inline", None,
+                  plots=False)  # fmt: skip
+    monkeypatch.setattr(V, "_start_floors", dying)
+    fallback = _run(load_config(root, [*SMALL, "validate.floor_process=true"]), dataset, ev, tmp_path / "fallback",
+                    None, plots=False)  # fmt: skip
+    assert fallback["metrics"] == inline["metrics"]
 
 
 def test_without_truth_modes_uses_cluster_occupancy(dataset, independent, tmp_path: Path) -> None:
