@@ -205,26 +205,26 @@ def main() -> None:
 def random_checkpoint(cfg: dict, ref: dict, path: Path) -> Path:
     """Save a randomly initialised generator of the default architecture in the real checkpoint format.
 
-    Preprocessing is fitted on the reference sample (``Preprocessor.fit``); the generator comes from
-    ``surrogate.models`` with the default config. TODO(issue 3 lands): call its builder/saver here.
+    Preprocessing is fitted on the reference sample (``Preprocessor.fit``); the generator is the
+    default config's (``surrogate.train.model_parts``, its output head included).
     """
-    from surrogate.preprocess import Preprocessor
-
-    pre = Preprocessor.fit(ref["showers"], ref["incident_energies"], ref["incident_eta"], ref["incident_pdg"],
-                           cfg["preprocess"], cfg["ingest"]["particles"])  # fmt: skip
     import torch
 
     from surrogate.geometry import from_config
     from surrogate.models import FORMAT_VERSION, Generator
-    from surrogate.train import model_config_from
+    from surrogate.preprocess import Preprocessor
+    from surrogate.train import model_parts
 
+    pre = Preprocessor.fit(ref["showers"], ref["incident_energies"], ref["incident_eta"], ref["incident_pdg"],
+                           cfg["preprocess"], cfg["ingest"]["particles"])  # fmt: skip
     geometry = from_config(cfg)
-    mc = model_config_from(cfg["train"], geometry.n_voxels, len(pre.condition_names))
+    mc, head, _ = model_parts({**cfg["train"], "critic": {**cfg["train"]["critic"], "physics_weight": 0.0}}, pre,
+                              geometry, ref["showers"], ref["incident_energies"])  # fmt: skip
     torch.manual_seed(0)
     torch.save({
-        "format_version": FORMAT_VERSION, "model_config": mc.to_dict(), "ema_state_dict": Generator(mc).state_dict(),
-        "preprocessing": pre.to_dict(), "condition_names": pre.condition_names, "geometry": geometry.to_dict(),
-        "step": 0,
+        "format_version": FORMAT_VERSION, "model_config": mc.to_dict(),
+        "ema_state_dict": Generator(mc, head).state_dict(), "preprocessing": pre.to_dict(),
+        "condition_names": pre.condition_names, "geometry": geometry.to_dict(), "step": 0,
     }, path)  # fmt: skip
     return path
 

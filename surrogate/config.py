@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,29 @@ def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, An
                 prefix = f"{key}." if err.absolute_path else ""
                 lines.append(f"{source}: unknown key(s) {', '.join(prefix + k for k in extra)}")
             else:
-                lines.append(f"{source}: {key}: {err.message}")
+                hint = ""
+                if err.validator == "type" and isinstance(err.instance, str) and _looks_numeric(err.instance):
+                    hint = f" (YAML reads {err.instance} as text: write it with a decimal point, e.g. 1.0e-4)"
+                lines.append(f"{source}: {key}: {err.message}{hint}")
         raise ConfigError("\n".join(lines))
     return cfg
+
+
+# YAML 1.1 (PyYAML, and so Snakemake's config files) reads ``1e-4`` as a string; YAML 1.2 and
+# people read it as a number. ``--set`` values follow YAML 1.2 here; files keep PyYAML's reading
+# so that the stages accept exactly what Snakemake's own validation does.
+_FLOAT_12 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+
+
+def _looks_numeric(text: str) -> bool:
+    return bool(_FLOAT_12.match(text.strip()))
+
+
+def _parse_value(raw: str) -> Any:
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _looks_numeric(value):
+        return float(value)
+    return value
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -91,7 +112,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         try:
-            value = yaml.safe_load(raw)
+            value = _parse_value(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({exc})") from exc
         node = cfg

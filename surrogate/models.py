@@ -4,14 +4,18 @@ Input and output sizes come from the data (``n_voxels``, ``cond_dim``); latent s
 depths from config. Each network keeps the :class:`ModelConfig` it was built with, and the
 generator exposes ``z_dim`` so sampling code never hard-codes a latent size.
 
-The generator's output is linear: the preprocessing maps voxels to a standardised log scale,
-which is unbounded on both sides. The critic has no BatchNorm (the gradient penalty is per
-sample); LayerNorm, spectral normalisation and a minibatch standard-deviation feature are options.
+The generator's output is matched to the preprocessing (standardised log or logit of E_vox/E_inc):
+``layered`` (the default) builds the voxels as E_dep/E_inc x layer shares x shares within the
+layer and maps them through the forward transform, so they never go below the empty-voxel value;
+``linear`` emits one unbounded value per voxel. The critic has no BatchNorm (the gradient
+penalty is per sample); LayerNorm, spectral normalisation, a minibatch standard-deviation
+feature and the log layer and total energies as extra inputs (``critic_physics_weight``) are options.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1  # of results/train/generator.pt
+OUTPUTS = ("linear", "layered")
 
 
 class ModelError(ValueError):
@@ -54,14 +59,20 @@ class ModelConfig:
     critic_layernorm: bool = True  # LayerNorm after each critic hidden layer (never BatchNorm)
     spectral_norm: bool = False  # spectral normalisation of the critic's linear layers
     minibatch_std: bool = False  # append the batch's mean per-voxel std as a critic feature
+    output: str = "linear"  # linear | layered (see Generator)
+    critic_physics_weight: float = 0.0  # > 0: the critic also sees log layer and total energies, x this weight
 
     def __post_init__(self) -> None:
         for name in ("n_voxels", "cond_dim", "z_dim", "g_width", "g_depth", "d_width", "d_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "cond_dim" else 1):
                 raise ModelError(f"model config: {name} must be a positive integer, got {value!r}")
+        if not self.critic_physics_weight >= 0:
+            raise ModelError(f"model config: critic_physics_weight must be >= 0, got {self.critic_physics_weight!r}")
         if self.conditioning not in ("concat", "film"):
             raise ModelError(f"model config: conditioning must be 'concat' or 'film', got {self.conditioning!r}")
+        if self.output not in OUTPUTS:
+            raise ModelError(f"model config: output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,10 +102,70 @@ class _FiLMBlock(nn.Module):
         return h * (1 + gamma) + beta
 
 
-class Generator(nn.Module):
-    """G(z (B, z_dim), c (B, C)) -> (B, V) preprocessed voxels (linear output)."""
+def head_info(pre: Any, geometry: Any) -> dict[str, Any]:
+    """What the ``layered`` output needs from a fitted Preprocessor and a Geometry."""
+    return {
+        "shift": pre.mean, "scale": pre.std, "transform": pre.voxel_transform, "epsilon": pre.epsilon,
+        "logit_alpha": pre.logit_alpha, "layer_sizes": [layer.n_r * layer.n_alpha for layer in geometry.active_layers],
+    }  # fmt: skip
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+class LayeredHead(nn.Module):
+    """h (B, 1 + L + V) -> (B, V) network-space voxels built as total x layer share x shape in the layer.
+
+    ``h[:, 0]`` is log(E_dep / E_inc) (capped at ``LOG_MAX_RATIO``), ``h[:, 1 : 1 + L]`` the
+    logits of the layers' shares of E_dep, and the rest, layer by layer, the logits of each
+    voxel's share of its layer. So u = E_vox / E_inc is positive, sums exactly to the total, and
+    one output sets the response: errors in the many outer voxels cannot pile up into the
+    energy (with a per-voxel output, exp() of the standardised log scale turns small errors in
+    rarely hit voxels into large energies). u then goes through the preprocessing's forward
+    transform, in log space (``logaddexp``) so tiny shares land smoothly on the empty-voxel floor.
+    """
+
+    LOG_MAX_RATIO = math.log(4.0)
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        super().__init__()
+        self.layer_sizes = [int(n) for n in info["layer_sizes"]]
+        self.transform = str(info["transform"])
+        self.log_epsilon = math.log(float(info["epsilon"]))
+        self.alpha = float(info["logit_alpha"])
+        if self.transform not in ("log", "logit"):
+            raise ModelError(f"layered output: unknown voxel transform {self.transform!r}")
+        self.register_buffer("shift", torch.as_tensor(np.asarray(info["shift"], dtype=np.float32)))
+        self.register_buffer("scale", torch.as_tensor(np.asarray(info["scale"], dtype=np.float32)))
+        if sum(self.layer_sizes) != len(self.shift):
+            raise ModelError(f"layered output: layers of {sum(self.layer_sizes)} voxels, "
+                             f"preprocessing of {len(self.shift)}")
+
+    @property
+    def n_in(self) -> int:
+        return 1 + len(self.layer_sizes) + sum(self.layer_sizes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        n_layers = len(self.layer_sizes)
+        log_total = torch.clamp(h[:, :1], max=self.LOG_MAX_RATIO)
+        log_layer = torch.log_softmax(h[:, 1 : 1 + n_layers], dim=1) + log_total
+        blocks = torch.split(h[:, 1 + n_layers :], self.layer_sizes, dim=1)
+        log_u = torch.cat([torch.log_softmax(b, dim=1) + log_layer[:, i : i + 1] for i, b in enumerate(blocks)], 1)
+        if self.transform == "log":
+            y = torch.logaddexp(log_u, torch.full_like(log_u, self.log_epsilon))
+        else:
+            sq = self.alpha + (1 - 2 * self.alpha) * torch.clamp(torch.exp(log_u), max=1.0)
+            y = torch.log(sq) - torch.log1p(-sq)
+        return (y - self.shift) / self.scale
+
+
+class Generator(nn.Module):
+    """G(z (B, z_dim), c (B, C)) -> (B, V) preprocessed voxels.
+
+    ``output`` (from the config): ``linear``: unbounded, one value per voxel; ``layered``:
+    :class:`LayeredHead`, which needs ``head`` (:func:`head_info`; its arrays are buffers, saved
+    with the weights).
+    """
+
+    def __init__(self, cfg: ModelConfig, head: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.z_dim = cfg.z_dim
@@ -103,23 +174,90 @@ class Generator(nn.Module):
             self.blocks = nn.ModuleList(_FiLMBlock(a, b, cfg.cond_dim) for a, b in zip(widths[:-1], widths[1:]))
         else:
             self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.out = nn.Linear(widths[-1], cfg.n_voxels)
+        if cfg.output != "linear" and head is None:
+            raise ModelError(f"model config: output {cfg.output!r} needs the preprocessing (head_info)")
+        self.head = LayeredHead(head) if cfg.output == "layered" else None
+        self.out = nn.Linear(widths[-1], self.head.n_in if self.head is not None else cfg.n_voxels)
+        if self.head is not None and len(self.head.shift) != cfg.n_voxels:
+            raise ModelError(f"layered output: preprocessing of {len(self.head.shift)} voxels, model of {cfg.n_voxels}")
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = torch.cat([z, c], dim=1)
         for block in self.blocks:
             h = block(h, c) if isinstance(block, _FiLMBlock) else nn.functional.leaky_relu(block(h), 0.2)
-        return self.out(h)
+        h = self.out(h)
+        return h if self.head is None else self.head(h)
+
+
+class ShowerSums(nn.Module):
+    """Network-space voxels (B, V) -> (B, L + 1) log energies of each layer and of the whole shower.
+
+    Undoes the preprocessing in torch (gradients flow through it): u = E_vox / E_inc from
+    ``x * scale + shift`` by the voxel transform (``log``: exp(y) - epsilon; ``logit``: sigmoid),
+    sums u over each layer's voxels (``member`` (V, L)) and returns
+    ``weight * (log(sums + DELTA) - feat_mean)`` with the total appended. Every array is a
+    buffer, saved with the critic's weights.
+    """
+
+    DELTA = 1e-5  # floor of the log, in units of E_inc
+
+    def __init__(self, info: dict[str, Any], weight: float) -> None:
+        super().__init__()
+        self.transform = str(info["transform"])
+        self.epsilon = float(info["epsilon"])
+        self.weight = float(weight)
+        if self.transform not in ("log", "logit"):
+            raise ModelError(f"critic physics: unknown voxel transform {self.transform!r}")
+        for name in ("shift", "scale", "member", "feat_mean"):
+            self.register_buffer(name, torch.as_tensor(np.asarray(info[name], dtype=np.float32)))
+        if self.member.ndim != 2 or self.shift.shape != (self.member.shape[0],):
+            raise ModelError(f"critic physics: member {tuple(self.member.shape)} and shift {tuple(self.shift.shape)} "
+                             "do not describe the same voxels")  # fmt: skip
+        if self.feat_mean.shape != (self.member.shape[1] + 1,):
+            raise ModelError(f"critic physics: feat_mean has shape {tuple(self.feat_mean.shape)}, "
+                             f"expected ({self.member.shape[1] + 1},)")  # fmt: skip
+
+    @property
+    def n_out(self) -> int:
+        return int(self.member.shape[1]) + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 even under bf16 autocast: a sum of hundreds of voxels needs the mantissa
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = x.float() * self.scale + self.shift
+            if self.transform == "log":
+                u = torch.clamp(torch.exp(torch.clamp(y, max=20.0)) - self.epsilon, min=0.0)
+            else:
+                u = torch.sigmoid(y)
+            sums = u @ self.member
+            sums = torch.cat([sums, sums.sum(dim=1, keepdim=True)], dim=1)
+            return (self.weight * (torch.log(sums + self.DELTA) - self.feat_mean)).to(x.dtype)
 
 
 class Critic(nn.Module):
-    """D(x (B, V), c (B, C)) -> (B,) unbounded Wasserstein score. No BatchNorm."""
+    """D(x (B, V), c (B, C)) -> (B,) unbounded Wasserstein score. No BatchNorm.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``D(x, c) = score(embed(x), c)``. ``embed`` is the identity unless ``critic_physics_weight``
+    > 0: then it appends :class:`ShowerSums` (the log layer and total energies, times the
+    weight) to the voxels. The training loop applies the gradient penalty in that embedded
+    space, so the weight sets how much a difference in those energies counts in the
+    Wasserstein distance the critic estimates. Without it, a 10% error in the response moves a
+    shower by little in the standardised voxel space next to the many sparse outer voxels, and
+    the generator fixes it last (CaloGAN showed its critic the same sums for this reason).
+    """
+
+    def __init__(self, cfg: ModelConfig, physics: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         wrap = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
-        n_in = cfg.n_voxels + cfg.cond_dim + (1 if cfg.minibatch_std else 0)
+        self.sums: ShowerSums | None = None
+        if cfg.critic_physics_weight > 0:
+            if physics is None:
+                raise ModelError("model config: critic_physics_weight > 0 needs the preprocessing and layer map")
+            self.sums = ShowerSums(physics, cfg.critic_physics_weight)
+        elif physics is not None:
+            raise ModelError("model config: critic_physics_weight is 0 but physics information was given")
+        n_in = cfg.n_voxels + (self.sums.n_out if self.sums else 0) + cfg.cond_dim + (1 if cfg.minibatch_std else 0)
         layers: list[nn.Module] = []
         for _ in range(cfg.d_depth):
             layers.append(wrap(nn.Linear(n_in, cfg.d_width)))
@@ -130,18 +268,32 @@ class Critic(nn.Module):
         layers.append(wrap(nn.Linear(n_in, 1)))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        parts = [x, c]
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, V) -> (B, V [+ L + 1]): the space the critic scores (and the penalty is taken in)."""
+        return x if self.sums is None else torch.cat([x, self.sums(x)], dim=1)
+
+    def score(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Score embedded showers ``a`` (B, embedded width) at conditions ``c`` (B, C) -> (B,)."""
+        parts = [a, c]
         if self.cfg.minibatch_std:
             # a collapsed generator has a small spread across the batch: let the critic see it
-            std = x.float().std(dim=0, unbiased=False).mean() if len(x) > 1 else x.new_zeros(())
-            parts.append(std.to(x.dtype).expand(len(x), 1))
+            std = a.float().std(dim=0, unbiased=False).mean() if len(a) > 1 else a.new_zeros(())
+            parts.append(std.to(a.dtype).expand(len(a), 1))
         return self.net(torch.cat(parts, dim=1)).squeeze(1)
 
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.score(self.embed(x), c)
 
-def build_models(cfg: ModelConfig) -> tuple[Generator, Critic]:
-    """A fresh (generator, critic) pair with PyTorch's default initialisation (seed torch beforehand)."""
-    return Generator(cfg), Critic(cfg)
+
+def build_models(
+    cfg: ModelConfig, head: dict[str, Any] | None = None, physics: dict[str, Any] | None = None
+) -> tuple[Generator, Critic]:
+    """A fresh (generator, critic) pair with PyTorch's default initialisation (seed torch beforehand).
+
+    ``head``: :func:`head_info`, required by ``output="layered"``; ``physics``: the
+    :class:`ShowerSums` arrays, required by ``critic_physics``.
+    """
+    return Generator(cfg, head), Critic(cfg, physics)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -167,7 +319,18 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelError(f"{path}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}")
-    G = Generator(ModelConfig.from_dict(ckpt["model_config"]))
+    mcfg = ModelConfig.from_dict(ckpt["model_config"])
+    head = None
+    if mcfg.output != "linear":
+        from surrogate.geometry import Geometry
+        from surrogate.preprocess import Preprocessor
+
+        try:
+            head = head_info(Preprocessor.from_dict(ckpt["preprocessing"]), Geometry.from_dict(ckpt["geometry"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: output {mcfg.output!r} needs the checkpoint's preprocessing and geometry "
+                             f"({exc})") from exc  # fmt: skip
+    G = Generator(mcfg, head)
     try:
         G.load_state_dict(ckpt["ema_state_dict"])
     except RuntimeError as exc:

@@ -1,5 +1,6 @@
 """Config loading: the file, overrides and the schema agree; bad keys and types are named."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,19 @@ def test_override_sets_value_and_parses_yaml():
     assert cfg["simulate"]["events"] == 123
     assert cfg["simulate"]["eta"]["max"] == 1.0
     assert cfg["ingest"]["inputs"] == ["a.h5", "b.h5"]
+
+
+def test_override_reads_exponent_floats_as_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads "4e-4" as text; people type it on the command line
+    cfg = load_config(CONFIG, ["train.lr_g=4e-4", "train.lr_d=1E3", "report.run_name=1e3x"])
+    assert cfg["train"]["lr_g"] == 4e-4 and cfg["train"]["lr_d"] == 1000.0
+    assert cfg["report"]["run_name"] == "1e3x"
+    # in a file the reading stays PyYAML's (Snakemake validates the same text), with a hint
+    text, n = re.subn(r"(?m)^  lr_g: \S+", "  lr_g: 4e-4", CONFIG.read_text())
+    assert n == 1
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"train\.lr_g: '4e-4' is not of type 'number' \(YAML reads 4e-4 as text"):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_unknown_key_is_named():

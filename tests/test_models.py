@@ -1,17 +1,24 @@
 """Shapes, dtypes, conditioning and checkpoint loading of surrogate.models."""
 
+import numpy as np
 import pytest
 import torch
 
+from surrogate.geometry import Geometry, Layer
 from surrogate.models import (
     FORMAT_VERSION,
     Critic,
+    LayeredHead,
     ModelConfig,
     ModelError,
+    ShowerSums,
     build_models,
+    head_info,
     load_generator,
     sample,
 )
+from surrogate.preprocess import Preprocessor
+from surrogate.train import critic_physics
 
 CFG = ModelConfig(n_voxels=7, cond_dim=3, z_dim=5, g_width=16, g_depth=2, d_width=16, d_depth=2)
 
@@ -74,3 +81,91 @@ def test_load_generator_errors_name_the_file(tmp_path):
     torch.save({"format_version": 99, "model_config": CFG.to_dict(), "ema_state_dict": {}}, bad)
     with pytest.raises(ModelError, match="bad.pt.*format_version"):
         load_generator(bad)
+
+
+# --------------------------------------------------------------------------- layered output, physics critic
+
+GEOM = Geometry("tiny", (Layer(0, (0.0, 5.0, 20.0), 2), Layer(1, (0.0,), 1), Layer(2, (0.0, 10.0, 30.0, 90.0), 1)))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A Preprocessor fitted on random sparse showers of GEOM (7 voxels in layers 0 and 2)."""
+    rng = np.random.default_rng(5)
+    n = 300
+    energies = np.exp(rng.uniform(np.log(1e3), np.log(1e6), (n, 1))).astype(np.float32)
+    showers = (rng.gamma(0.5, 1.0, (n, 7)) * (rng.random((n, 7)) < 0.6) * energies / 5).astype(np.float32)
+    pre = Preprocessor.fit(showers, energies, None, None, {"epsilon": 1e-8})
+    return pre, showers, energies
+
+
+def _layered(pre, **kw):
+    cfg = ModelConfig(n_voxels=7, cond_dim=1, z_dim=4, g_width=16, g_depth=2, d_width=16, d_depth=2,
+                      output="layered", **kw)  # fmt: skip
+    return cfg, head_info(pre, GEOM)
+
+
+def test_layered_head_builds_total_times_layer_share_times_shape(fitted):
+    pre, _, _ = fitted
+    _, info = _layered(pre)
+    head = LayeredHead(info)
+    assert head.n_in == 1 + 2 + 7
+    h = torch.randn(50, head.n_in, generator=torch.Generator().manual_seed(0))
+    h[:, 0] = torch.linspace(-6.0, 3.0, 50)  # log(E_dep / E_inc), up to the cap log(4)
+    energies = np.full((50, 1), 1e4, dtype=np.float32)
+    showers = pre.inverse_showers(head(h).detach().numpy(), energies)
+    u = showers.astype(np.float64) / 1e4
+    total = np.exp(np.minimum(h[:, 0].numpy(), np.log(4.0)))
+    np.testing.assert_allclose(u.sum(axis=1), total, rtol=1e-4)
+    layer_share = torch.softmax(h[:, 1:3], dim=1).numpy()
+    np.testing.assert_allclose(u[:, :4].sum(axis=1) / u.sum(axis=1), layer_share[:, 0], rtol=1e-4)
+    shape2 = torch.softmax(h[:, 7:10], dim=1).numpy()
+    np.testing.assert_allclose(u[:, 4:] / u[:, 4:].sum(axis=1, keepdims=True), shape2, rtol=1e-3, atol=1e-6)
+    # never below the empty-voxel value of the preprocessing
+    floor = (np.log(pre.epsilon) - pre.mean) / pre.std
+    assert (head(h).detach().numpy() >= floor - 1e-5).all()
+
+
+def test_shower_sums_are_the_log_layer_and_total_energies(fitted):
+    pre, showers, energies = fitted
+    info = critic_physics(pre, GEOM, showers, energies)
+    sums = ShowerSums(info, weight=3.0)
+    got = sums(torch.from_numpy(pre.transform_showers(showers, energies))).numpy()
+    u = showers.astype(np.float64) / energies
+    expected = np.log(np.column_stack([u[:, :4].sum(1), u[:, 4:].sum(1), u.sum(1)]) + ShowerSums.DELTA)
+    np.testing.assert_allclose(got, 3.0 * (expected - expected.mean(axis=0)), rtol=1e-3, atol=1e-3)
+
+
+def test_physics_critic_embeds_the_sums_and_refuses_bad_setups(fitted):
+    pre, showers, energies = fitted
+    cfg, info = _layered(pre, critic_physics_weight=10.0)
+    physics = critic_physics(pre, GEOM, showers, energies)
+    torch.manual_seed(3)
+    G, D = build_models(cfg, info, physics)
+    x = G(torch.randn(5, 4), torch.zeros(5, 1))
+    assert D.embed(x).shape == (5, 7 + 3) and D(x, torch.zeros(5, 1)).shape == (5,)
+    assert torch.equal(D(x, torch.zeros(5, 1)), D.score(D.embed(x), torch.zeros(5, 1)))
+    with pytest.raises(ModelError, match="needs the preprocessing"):
+        build_models(cfg, info, None)
+    with pytest.raises(ModelError, match="needs the preprocessing"):
+        build_models(ModelConfig(**{**cfg.to_dict(), "critic_physics_weight": 0.0}), None, None)
+    with pytest.raises(ModelError, match="physics information was given"):
+        build_models(ModelConfig(**{**cfg.to_dict(), "critic_physics_weight": 0.0}), info, physics)
+
+
+def test_layered_generator_loads_from_its_checkpoint_alone(tmp_path, fitted):
+    pre, _, _ = fitted
+    cfg, info = _layered(pre)
+    torch.manual_seed(4)
+    G, _ = build_models(cfg, info)
+    path = tmp_path / "generator.pt"
+    torch.save({"format_version": FORMAT_VERSION, "model_config": cfg.to_dict(), "ema_state_dict": G.state_dict(),
+                "preprocessing": pre.to_dict(), "condition_names": ["log_energy"], "geometry": GEOM.to_dict(),
+                "step": 1}, path)  # fmt: skip
+    G2, _ = load_generator(path)
+    c = torch.rand(6, 1)
+    assert torch.equal(sample(G2, c, seed=1), sample(G, c, seed=1))
+    torch.save({"format_version": FORMAT_VERSION, "model_config": cfg.to_dict(), "ema_state_dict": G.state_dict(),
+                "step": 1}, tmp_path / "bare.pt")  # fmt: skip
+    with pytest.raises(ModelError, match="bare.pt.*needs the checkpoint's preprocessing and geometry"):
+        load_generator(tmp_path / "bare.pt")
