@@ -109,6 +109,31 @@ class Geometry:
         _, r, a = self.voxel_centres()
         return r * np.cos(a), r * np.sin(a)
 
+    def orientations(self, reflect: bool = False) -> np.ndarray:
+        """Voxel permutations (R, n_voxels) that turn every shower about its axis together, int64.
+
+        Row k takes column ``perm[k, v]`` into column v: all layers with angular bins are
+        rotated by the same angle ``2 pi k / g`` (g: the greatest common divisor of their angular
+        bin counts), so layer with n bins moves by ``k n / g`` bins; ``reflect`` adds the mirror
+        image (alpha -> -alpha) of each. Row 0 is the identity; R = 1 without angular bins.
+        """
+        counts = [layer.n_alpha for layer in self.active_layers if layer.n_alpha > 1]
+        g = math.gcd(*counts) if counts else 1
+        rows = []
+        for mirror in (False, True) if reflect and counts else (False,):
+            for k in range(g):
+                perm, start = [], 0
+                for layer in self.active_layers:
+                    n, n_r = layer.n_alpha, layer.n_r
+                    a = np.arange(n)
+                    src = (a - k * n // g) % n
+                    if mirror:
+                        src = (n - 1 - src) % n
+                    perm.append(start + (src[:, None] * n_r + np.arange(n_r)[None, :]).reshape(-1))
+                    start += layer.n_voxels
+                rows.append(np.concatenate(perm))
+        return np.stack(rows).astype(np.int64)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as stored in config, HDF5 attributes and checkpoints."""
         return {

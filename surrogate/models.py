@@ -38,6 +38,7 @@ __all__ = [
 
 FORMAT_VERSION = 1  # of results/train/generator.pt
 OUTPUTS = ("linear", "layered")
+SYMMETRIES = ("none", "rotate", "rotate_reflect")
 
 
 class ModelError(ValueError):
@@ -60,6 +61,7 @@ class ModelConfig:
     spectral_norm: bool = False  # spectral normalisation of the critic's linear layers
     minibatch_std: bool = False  # append the batch's mean per-voxel std as a critic feature
     output: str = "linear"  # linear | layered (see Generator)
+    symmetry: str = "none"  # none | rotate | rotate_reflect: layered showers turned to a random orientation
     critic_physics_weight: float = 0.0  # > 0: the critic also sees log layer and total energies, x this weight
 
     def __post_init__(self) -> None:
@@ -71,6 +73,10 @@ class ModelConfig:
             raise ModelError(f"model config: critic_physics_weight must be >= 0, got {self.critic_physics_weight!r}")
         if self.conditioning not in ("concat", "film"):
             raise ModelError(f"model config: conditioning must be 'concat' or 'film', got {self.conditioning!r}")
+        if self.symmetry not in SYMMETRIES:
+            raise ModelError(f"model config: symmetry must be one of {', '.join(SYMMETRIES)}, got {self.symmetry!r}")
+        if self.symmetry != "none" and self.output != "layered":
+            raise ModelError("model config: symmetry needs output 'layered'")
         if self.output not in OUTPUTS:
             raise ModelError(f"model config: output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
@@ -102,11 +108,14 @@ class _FiLMBlock(nn.Module):
         return h * (1 + gamma) + beta
 
 
-def head_info(pre: Any, geometry: Any) -> dict[str, Any]:
-    """What the ``layered`` output needs from a fitted Preprocessor and a Geometry."""
+def head_info(pre: Any, geometry: Any, symmetry: str = "none") -> dict[str, Any]:
+    """What the ``layered`` output needs from a fitted Preprocessor and a Geometry (and the symmetry)."""
+    orientations = (geometry.orientations(reflect=symmetry == "rotate_reflect") if symmetry != "none"
+                    else np.arange(geometry.n_voxels)[None, :])  # fmt: skip
     return {
         "shift": pre.mean, "scale": pre.std, "transform": pre.voxel_transform, "epsilon": pre.epsilon,
         "logit_alpha": pre.logit_alpha, "layer_sizes": [layer.n_r * layer.n_alpha for layer in geometry.active_layers],
+        "orientations": orientations,
     }  # fmt: skip
 
 
@@ -134,6 +143,9 @@ class LayeredHead(nn.Module):
             raise ModelError(f"layered output: unknown voxel transform {self.transform!r}")
         self.register_buffer("shift", torch.as_tensor(np.asarray(info["shift"], dtype=np.float32)))
         self.register_buffer("scale", torch.as_tensor(np.asarray(info["scale"], dtype=np.float32)))
+        # rebuilt from the geometry on load, so not stored with the weights
+        self.register_buffer("orientations", torch.as_tensor(np.asarray(info["orientations"], dtype=np.int64)),
+                             persistent=False)
         if sum(self.layer_sizes) != len(self.shift):
             raise ModelError(f"layered output: layers of {sum(self.layer_sizes)} voxels, "
                              f"preprocessing of {len(self.shift)}")
@@ -142,13 +154,20 @@ class LayeredHead(nn.Module):
     def n_in(self) -> int:
         return 1 + len(self.layer_sizes) + sum(self.layer_sizes)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    @property
+    def n_orientations(self) -> int:
+        return int(self.orientations.shape[0])
+
+    def forward(self, h: torch.Tensor, orientation: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, n_in) -> (B, V); ``orientation`` (B,) int64 picks a row of ``orientations`` per shower."""
         h = h.float()
         n_layers = len(self.layer_sizes)
         log_total = torch.clamp(h[:, :1], max=self.LOG_MAX_RATIO)
         log_layer = torch.log_softmax(h[:, 1 : 1 + n_layers], dim=1) + log_total
         blocks = torch.split(h[:, 1 + n_layers :], self.layer_sizes, dim=1)
         log_u = torch.cat([torch.log_softmax(b, dim=1) + log_layer[:, i : i + 1] for i, b in enumerate(blocks)], 1)
+        if orientation is not None and self.n_orientations > 1:
+            log_u = log_u.gather(1, self.orientations[orientation])
         if self.transform == "log":
             y = torch.logaddexp(log_u, torch.full_like(log_u, self.log_epsilon))
         else:
@@ -163,6 +182,14 @@ class Generator(nn.Module):
     ``output`` (from the config): ``linear``: unbounded, one value per voxel; ``layered``:
     :class:`LayeredHead`, which needs ``head`` (:func:`head_info`; its arrays are buffers, saved
     with the weights).
+
+    ``symmetry`` (layered only): each generated shower is turned about its axis to one of the
+    geometry's orientations (:meth:`surrogate.geometry.Geometry.orientations`), picked by the
+    latent, so the sample is exactly symmetric and the network learns one orientation. Without
+    it the generator was seen to collapse onto a few fixed azimuthal patterns (centroid
+    distributions with spikes). Use it only where the data have the symmetry: the reference
+    simulator's showers do (uniform azimuth); real showers away from normal incidence are
+    stretched along eta and do not.
     """
 
     def __init__(self, cfg: ModelConfig, head: dict[str, Any] | None = None) -> None:
@@ -186,7 +213,15 @@ class Generator(nn.Module):
         for block in self.blocks:
             h = block(h, c) if isinstance(block, _FiLMBlock) else nn.functional.leaky_relu(block(h), 0.2)
         h = self.out(h)
-        return h if self.head is None else self.head(h)
+        if self.head is None:
+            return h
+        orientation = None
+        if self.head.n_orientations > 1:
+            # the orientation is a function of the latent (its last component, uniform through
+            # the normal CDF), so G stays a deterministic function of (z, c) and samples stay seeded
+            u = 0.5 * (1.0 + torch.erf(z[:, -1].float() / math.sqrt(2.0)))
+            orientation = torch.clamp((u * self.head.n_orientations).long(), 0, self.head.n_orientations - 1)
+        return self.head(h, orientation)
 
 
 class ShowerSums(nn.Module):
@@ -326,7 +361,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
         from surrogate.preprocess import Preprocessor
 
         try:
-            head = head_info(Preprocessor.from_dict(ckpt["preprocessing"]), Geometry.from_dict(ckpt["geometry"]))
+            head = head_info(Preprocessor.from_dict(ckpt["preprocessing"]), Geometry.from_dict(ckpt["geometry"]),
+                             mcfg.symmetry)  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: output {mcfg.output!r} needs the checkpoint's preprocessing and geometry "
                              f"({exc})") from exc  # fmt: skip

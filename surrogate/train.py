@@ -127,7 +127,7 @@ def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> Mo
         n_voxels=n_voxels, cond_dim=cond_dim, z_dim=train["z_dim"], g_width=g["width"], g_depth=g["depth"],
         d_width=d["width"], d_depth=d["depth"], conditioning=train["conditioning"],
         critic_layernorm=d["layernorm"], spectral_norm=d["spectral_norm"], minibatch_std=d["minibatch_std"],
-        output=g["output"], critic_physics_weight=float(d["physics_weight"]),
+        output=g["output"], symmetry=g["symmetry"], critic_physics_weight=float(d["physics_weight"]),
     )  # fmt: skip
 
 
@@ -391,7 +391,7 @@ def model_parts(
     a fitted Preprocessor, a Geometry and training showers (N, V) MeV with energies (N, 1) MeV;
     the last two are None when the config does not use them (arguments of :class:`TrainState`)."""
     mcfg = model_config_from(train, n_voxels=geometry.n_voxels, cond_dim=len(pre.condition_names))
-    head = head_info(pre, geometry) if mcfg.output != "linear" else None
+    head = head_info(pre, geometry, mcfg.symmetry) if mcfg.output != "linear" else None
     physics = critic_physics(pre, geometry, showers, energies) if mcfg.critic_physics_weight > 0 else None
     return mcfg, head, physics
 

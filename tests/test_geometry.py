@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from surrogate.config import load_config
-from surrogate.geometry import from_config, load_xml
+from surrogate.geometry import Geometry, Layer, from_config, load_xml
 from surrogate.simulate import build_params, simulate_events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,3 +79,22 @@ def test_voxel_order_hand_check(cfg):
     assert layer_idx[8] == 1 and layer_idx[8 + 99] == 1 and layer_idx[8 + 100] == 2
     sl = geom.layer_slices
     assert sl[0] == slice(0, 8) and sl[1] == slice(8, 108) and sl[14].stop == 533
+
+
+def test_orientations_turn_every_layer_by_the_same_angle():
+    geo = Geometry("t", (Layer(0, (0.0, 1.0, 2.0), 4), Layer(1, (0.0, 5.0), 1), Layer(2, (0.0, 3.0), 8)))
+    rot = geo.orientations()
+    assert rot.shape == (4, geo.n_voxels)  # gcd(4, 8) = 4 rotations by 90 degrees
+    assert (rot[0] == np.arange(geo.n_voxels)).all()
+    shower = np.arange(geo.n_voxels, dtype=float)
+    turned = shower[rot[1]]
+    # layer 0 (4 angular bins x 2 radial): angular bin a now holds what bin a - 1 held
+    np.testing.assert_array_equal(turned[:8].reshape(4, 2), np.roll(shower[:8].reshape(4, 2), 1, axis=0))
+    assert turned[8] == shower[8]  # one angular bin: unchanged
+    np.testing.assert_array_equal(turned[9:], np.roll(shower[9:], 2))  # 8 bins move by 2 = 90 degrees
+    both = geo.orientations(reflect=True)
+    assert both.shape == (8, geo.n_voxels) and len({tuple(r) for r in both}) == 8
+    assert all(sorted(r) == list(range(geo.n_voxels)) for r in both)
+    np.testing.assert_array_equal(shower[both[4]][:8].reshape(4, 2), shower[:8].reshape(4, 2)[::-1])
+    flat = Geometry("f", (Layer(0, (0.0, 1.0), 1),))
+    assert flat.orientations(reflect=True).shape == (1, 1)
