@@ -100,3 +100,26 @@ def test_changed_key_reruns_only_downstream(workflow_dir):
     finally:
         tiny["ingest"].pop("split")
         (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+
+
+def test_changed_training_key_reruns_train_and_downstream(workflow_dir):
+    """A new model width: train (over its stale checkpoint), generate, validate and report run again; simulate
+    and ingest do not, and the run succeeds."""
+    before = {p: (workflow_dir / p).stat().st_mtime_ns for p in ("data/raw/reference.h5", "results/ingest/dataset.h5")}
+    tiny = yaml.safe_load((workflow_dir / "tiny.yaml").read_text())
+    tiny["train"]["generator"]["width"] = 48
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    out = _snakemake(workflow_dir)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    ran = {line.split()[-1] for line in text.splitlines() if line.strip().startswith(("localrule", "rule "))}
+    ran = {r.rstrip(":") for r in ran}
+    assert {"train", "generate_shard", "generate", "validate", "report"} <= ran, ran
+    assert not {"simulate", "ingest"} & ran, ran
+    assert before == {p: (workflow_dir / p).stat().st_mtime_ns for p in before}
+    import torch
+
+    ckpt = torch.load(workflow_dir / "results/train/generator.pt", weights_only=True)
+    assert ckpt["model_config"]["g_width"] == 48
+    assert "starting at step 0" in (workflow_dir / "results/logs/train.log").read_text()
+    assert "Nothing to be done" in (lambda o: o.stdout + o.stderr)(_snakemake(workflow_dir, "-n"))

@@ -16,5 +16,9 @@ rule train:
     resources:
         gpu=1,  # `--resources gpu=1` keeps two GPU jobs off one card
     shell:
+        # Snakemake reruns this rule when its input or settings changed: a checkpoint in
+        # results/train/state/ made with other settings is then stale, and training starts over
+        # (a rerun with the same settings, after a crash or kill, resumes). The CLI alone refuses
+        # such a checkpoint unless told to restart.
         "python -m surrogate.train --config {RESOLVED_CONFIG} --dataset {input} --out results/train"
-        " --threads {threads} 2> {log}"
+        " --threads {threads} --set train.on_incompatible_checkpoint=restart 2> {log}"
