@@ -21,6 +21,7 @@ integer labels of shape (N,). :func:`holm` is a helper for the p-values, not a m
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -465,14 +466,21 @@ def kpd(
 ) -> Result:
     """Kernel physics distance: unbiased MMD^2 with kernel k(x, y) = (x.y / F + 1)^4 (Kansal et al. 2023).
 
-    Computed on ``num_batches`` pairs of ``batch_size``-event subsamples (with replacement).
+    Computed on ``num_batches`` pairs of ``batch_size``-event subsamples (each without replacement).
 
     Args:
         real, gen: (N, F) and (M, F) feature matrices.
         normalise: standardise both with the real sample's mean and std first.
     Returns:
-        (median over batches; half the 16-84 percentile spread), in kernel units; can be slightly
-        negative for identical distributions, since the estimator is unbiased.
+        (median over batches; its error), in kernel units; the value can be slightly negative for
+        identical distributions, since the estimator is unbiased. The error is the batches'
+        spread measured robustly (1.4826 x median absolute deviation: with the degree-4 kernel a
+        few far-out events can blow up single batches, and the half 16-84% spread then hid a
+        KPD 15 times the floor behind an error larger than itself), scaled by
+        sqrt(batch_size / events) from the spread of one batch to that of the whole sample (the
+        statistic's spread falls like 1/sqrt(n)). With identical 10-D Gaussians (4500 events,
+        batches of 2000, 40 seeds) it is 0.96x the spread of the value over independent samples
+        (the raw batch spread was 1.8x).
     """
     real, gen = _as_2d(real, gen)
     if normalise:
@@ -480,11 +488,15 @@ def kpd(
     if min(len(real), len(gen)) < batch_size:
         log.warning("kpd: fewer events (%d, %d) than batch_size=%d", len(real), len(gen), batch_size)
     rng = np.random.default_rng(seed)
-    vals = [
-        _mmd2_poly_unbiased(real[rng.integers(0, len(real), batch_size)], gen[rng.integers(0, len(gen), batch_size)])
-        for _ in range(num_batches)
-    ]
-    return float(np.median(vals)), float(stats.iqr(vals, rng=(16.0, 84.0)) / 2.0)
+    # each batch without replacement: a point drawn twice into one batch pairs with itself in the
+    # "i != j" sums and biases the unbiased estimator upwards (+0.12 for identical 3-D Gaussians,
+    # batches of 500 from 1000, against a full-sample value of 0.001)
+    def draw(x: np.ndarray) -> np.ndarray:
+        return x[rng.choice(len(x), size=min(batch_size, len(x)), replace=False)]
+
+    vals = [_mmd2_poly_unbiased(draw(real), draw(gen)) for _ in range(num_batches)]
+    spread = 1.4826 * float(stats.median_abs_deviation(vals))
+    return float(np.median(vals)), spread * math.sqrt(min(1.0, batch_size / min(len(real), len(gen))))
 
 
 @register("classifier_auc", metric_input="nd")

@@ -560,7 +560,9 @@ def evaluate(
     fv = floor("fpd", M.fpd, rf[half_a], rf[half_b], seed=s, **fpd_kw)
     gv = generated(fv, M.fpd, rf[half_a], gf[gen_b], seed=s, **fpd_kw)
     tests.append(_worse_than_floor("fpd", gv[0], gv[1], fv[0], fv[1], mar["fpd"]))
-    kb = min(sub["kpd_batch_size"], len(half_a), len(half_b))
+    # at most half of each sample per batch: batches of the whole sample would all be the same
+    # events, and their spread (the KPD error) zero
+    kb = max(2, min(sub["kpd_batch_size"], len(half_a) // 2, len(half_b) // 2))
     s = _seed_of(seed, "kpd")
     fv = floor("kpd", M.kpd, rf[half_a], rf[half_b], num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
     gv = generated(fv, M.kpd, rf[half_a], gf[gen_b], num_batches=sub["kpd_batches"], batch_size=kb, seed=s)
