@@ -177,6 +177,17 @@ def _stage_seconds(bench_dir: Path) -> dict[str, float]:
     return out
 
 
+def _generated_events(path: Path) -> dict[str, int] | None:
+    """{"events": rows of the joined generated file}, None when it is absent or unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {"events": int(f["showers"].shape[0])}
+    except (OSError, KeyError):
+        return None
+
+
 def collect(results: Path) -> dict[str, Any]:
     """Everything the report logs, read from ``results/`` (absent pieces are None)."""
     history_path = results / "train" / "history.jsonl"
@@ -187,7 +198,7 @@ def collect(results: Path) -> dict[str, Any]:
         "manifest": _read_json(results / "ingest" / "manifest.json"),
         "train_summary": _read_json(results / "train" / "summary.json"),
         "history": history,
-        "generate_summary": _read_json(results / "generate" / "summary.json"),
+        "generate_summary": _generated_events(results / "generate" / "events.h5"),
         "validate_summary": _read_json(results / "validate" / "summary.json"),
         "stage_seconds": _stage_seconds(results / "benchmarks"),
     }

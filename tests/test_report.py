@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from surrogate import report
@@ -47,6 +49,11 @@ def results(tmp_path: Path) -> Path:
     (res / "validate" / "report.html").write_text("<html><body>report</body></html>")
     (res / "validate" / "plots" / "response.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
     (res / "benchmarks" / "train.tsv").write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t100\n")
+    for i in (0, 1):  # two generate shards of 2 s each
+        (res / "benchmarks" / f"generate-{i}.tsv").write_text("s\th:m:s\tmax_rss\n2.0\t0:00:02\t100\n")
+    (res / "generate").mkdir()
+    with h5py.File(res / "generate" / "events.h5", "w") as f:
+        f["showers"] = np.zeros((8, 3), np.float32)
     return res
 
 
@@ -76,6 +83,7 @@ def test_report_to_sqlite_reads_back(results, tmp_path):
     assert run.data.metrics["validate.fpd.floor"] == 0.01
     assert run.data.metrics["validate.fpd.passed"] == 0.0
     assert run.data.metrics["stage_seconds.train"] == 12.5
+    assert run.data.metrics["generate.events_per_second"] == 8 / 4.0  # events over the shards' summed seconds
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validate")}
     assert {"validate/report.html", "validate/summary.json", "validate/plots"} <= artifacts
     assert json.loads((tmp_path / "out" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
