@@ -86,6 +86,16 @@ def test_second_run_has_nothing_to_do(workflow_dir):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_snakemake_report_builds(workflow_dir, tmp_path):
+    """`snakemake --report report.html` (README) works without --cores and embeds the validation plots."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "tiny.yaml", "--report",
+                          str(tmp_path / "report.html")], cwd=workflow_dir, capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "response.png" in (tmp_path / "report.html").read_text(errors="replace")
+
+
 def test_changed_key_reruns_only_downstream(workflow_dir):
     """Changing an ingest key reruns ingest and what follows, not the simulator."""
     tiny = yaml.safe_load((workflow_dir / "tiny.yaml").read_text())

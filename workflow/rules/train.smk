@@ -12,7 +12,7 @@ rule train:
         "results/logs/train.log",
     benchmark:
         "results/benchmarks/train.tsv"
-    threads: workflow.cores
+    threads: 32  # as many as --cores allows (Snakemake scales it down); not workflow.cores, which breaks --report
     resources:
         gpu=1,  # `--resources gpu=1` keeps two GPU jobs off one card
     shell:

@@ -19,7 +19,7 @@ rule validate:
         "results/logs/validate.log",
     benchmark:
         "results/benchmarks/validate.tsv"
-    threads: workflow.cores
+    threads: 32  # as many as --cores allows (Snakemake scales it down); not workflow.cores, which breaks --report
     shell:
         "python -m surrogate.validate --config {RESOLVED_CONFIG} --dataset {input.dataset}"
         " --generated {input.generated} --history {input.history} --out results/validate"
