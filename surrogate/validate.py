@@ -11,7 +11,7 @@ Steps:
 2. Condition bins = energy bins x |eta| bins x particle (``validate`` config). The generated
    file's conditions are read whole (small); per bin, generated rows are subsampled to the
    real sample's proportions ("matched" sample). Its showers are then streamed in HDF5-chunk
-   aligned blocks and turned into high-level features (optionally in worker threads).
+   aligned blocks and turned into high-level features (in ``threads`` reader processes when > 1).
 3. Tests, each reduced to one p-value and corrected together with Holm at ``alpha``:
 
    - direct p-values: KS per feature (overall and per bin), G-test of the predicted-mode
@@ -42,6 +42,7 @@ import multiprocessing
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,9 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from threadpoolctl import threadpool_limits
 
 from surrogate import metrics as M
+from surrogate import stream as S
 from surrogate.config import dump_config, parse_stage_args, stage_parser
-from surrogate.features import FeaturesError, compute_features, feature_names
+from surrogate.features import FeaturesError, feature_names
 from surrogate.geometry import Geometry
 from surrogate.io import ProgressBar, atomic_path, write_json
 
@@ -106,8 +108,8 @@ class GeneratedSample:
     voxels: np.ndarray  # (m, V) float32 MeV, random subsample of the matched events
     rows_in_file: int
     rows_dropped_unmatched: int
-    read_seconds: float  # reading the showers (HDF5 + decompression)
-    feature_seconds: float | None  # features in the reading thread; None when worker threads computed them
+    read_seconds: float  # reading the showers (HDF5 + decompression; summed over reader processes)
+    feature_seconds: float | None  # computing the features (summed over reader processes); None for a stand-in
     stream_seconds: float  # wall time of the whole read-and-features loop
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -119,22 +121,6 @@ def _read(f: h5py.File, path: Path, name: str, required: bool = True) -> np.ndar
             raise ValidateError(f"{path}: no dataset {name!r}")
         return None
     return obj[()]
-
-
-# Rows per compute_features call: its (rows, V) float64 copy then stays in the L2 cache.
-# Measured on this project's machines (one thread, 533 voxels): 192 rows 3.0 s per 1M events,
-# 2048 rows 2.7 s, 8192 rows 4.4 s.
-_FEATURE_ROWS = 1024
-
-
-def _features(showers: np.ndarray, energy: np.ndarray, geometry: Geometry, names: list[str]) -> np.ndarray:
-    """(N, F) float64 feature matrix, columns in ``names`` order."""
-    out = np.empty((len(showers), len(names)), dtype=np.float64)
-    for lo in range(0, len(showers), _FEATURE_ROWS):
-        feats = compute_features(showers[lo : lo + _FEATURE_ROWS], energy[lo : lo + _FEATURE_ROWS], geometry)
-        for j, n in enumerate(names):
-            out[lo : lo + _FEATURE_ROWS, j] = feats[n]
-    return out
 
 
 def load_real(path: str | Path, group: str = "test", max_rows: int | None = None) -> RealSample:
@@ -168,7 +154,7 @@ def load_real(path: str | Path, group: str = "test", max_rows: int | None = None
     if len(energy) != n:
         raise ValidateError(f"{path}: '{group}/showers' has {n} rows but incident_energies has {len(energy)}")
     names = feature_names(geometry)
-    return RealSample(_features(showers, energy, geometry, names), energy.astype(np.float64), eta.astype(np.float64),
+    return RealSample(S.features(showers, energy, geometry, names), energy.astype(np.float64), eta.astype(np.float64),
                       pdg, mode, showers, mode_names, geometry, names)  # fmt: skip
 
 
@@ -250,16 +236,20 @@ def load_generated(
     cap: int,
     chunk_events: int,
     voxel_events: int,
-    threads: int,
     rng: np.random.Generator,
+    pool: cf.Executor | None = None,
+    workers: int = 1,
 ) -> GeneratedSample:
-    """Read conditions, match them to the real bins, stream the matched showers into features."""
+    """Read conditions, match them to the real bins, stream the matched showers into features.
+
+    With a ``pool`` of ``workers`` processes the file's blocks are read and turned into features
+    there (:mod:`surrogate.stream`); the results are the same as in this process, bit for bit.
+    """
     path = Path(path)
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise ValidateError(f"{path}: cannot open as HDF5 ({exc})") from exc
-    t_read = t_feat = 0.0
     with f:
         showers = f.get("showers")
         if not isinstance(showers, h5py.Dataset):
@@ -270,59 +260,49 @@ def load_generated(
         energy = _read(f, path, "incident_energies").reshape(-1).astype(np.float64)
         eta = _read(f, path, "incident_eta", False)
         pdg = _read(f, path, "incident_pdg", False)
-        eta = np.zeros(n) if eta is None else eta.reshape(-1).astype(np.float64)
-        pdg = np.zeros(n, dtype=np.int64) if pdg is None else pdg.reshape(-1).astype(np.int64)
-        for name, arr in (("incident_energies", energy), ("incident_eta", eta), ("incident_pdg", pdg)):
-            if len(arr) != n:
-                raise ValidateError(f"{path}: 'showers' has {n} rows but {name!r} has {len(arr)}")
-        gen_bins = binning.index(energy, eta, pdg)
-        rows = match_rows(real_bins, gen_bins, binning.n_bins, cap, rng)
-        vox_pos = np.sort(rng.choice(len(rows), size=min(voxel_events, len(rows)), replace=False))
-        feats = np.empty((len(rows), len(names)), dtype=np.float64)
-        voxels = np.empty((len(vox_pos), geometry.n_voxels), dtype=np.float32)
         chunk = showers.chunks[0] if showers.chunks else 1
-        step = max(1, round(chunk_events / chunk)) * chunk
-        pool = cf.ThreadPoolExecutor(threads - 1) if threads > 1 else None
-        pending: list[cf.Future] = []
-        bar = ProgressBar(total=n, desc=f"validate {path.name}", unit="event")
+    eta = np.zeros(n) if eta is None else eta.reshape(-1).astype(np.float64)
+    pdg = np.zeros(n, dtype=np.int64) if pdg is None else pdg.reshape(-1).astype(np.int64)
+    for name, arr in (("incident_energies", energy), ("incident_eta", eta), ("incident_pdg", pdg)):
+        if len(arr) != n:
+            raise ValidateError(f"{path}: 'showers' has {n} rows but {name!r} has {len(arr)}")
+    gen_bins = binning.index(energy, eta, pdg)
+    rows = match_rows(real_bins, gen_bins, binning.n_bins, cap, rng)
+    vox_pos = np.sort(rng.choice(len(rows), size=min(voxel_events, len(rows)), replace=False))
+    feats = np.empty((len(rows), len(names)), dtype=np.float64)
+    voxels = np.empty((len(vox_pos), geometry.n_voxels), dtype=np.float32)
+    step = max(1, round(chunk_events / chunk)) * chunk
+    # in a pool, four tasks per worker so that they finish close together; in line, one block per task
+    task_blocks = max(1, math.ceil(n / (step * 4 * workers))) if pool is not None else 1
+    tasks = S.plan(n, step, rows, energy, vox_pos, task_blocks)
+    t_read = t_feat = 0.0
+    bar = ProgressBar(total=n, desc=f"validate {path.name}", unit="event")
 
-        def work(block: np.ndarray, e: np.ndarray, lo_pos: int, lo: int, hi: int) -> None:
-            try:
-                feats[lo_pos : lo_pos + len(block)] = _features(block, e, geometry, names)
-            except ValueError as exc:  # raised here so that worker threads report the rows too
-                raise ValidateError(f"{path}: 'showers' rows {lo}..{hi - 1}: {exc}") from exc
+    def store(task: S.Task, res: S.TaskResult) -> None:
+        nonlocal t_read, t_feat
+        feats[task.first : task.first + len(task.rows)] = res.features
+        va = int(np.searchsorted(vox_pos, task.vox[0])) if len(task.vox) else 0
+        voxels[va : va + len(task.vox)] = res.voxels
+        t_read += res.read_seconds
+        t_feat += res.feature_seconds
+        bar.update(task.n_file_rows)
 
-        try:
-            t_stream = time.perf_counter()
-            for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                a, b = np.searchsorted(rows, [lo, hi])
-                t0 = time.perf_counter()
-                block = showers[lo:hi]
-                t_read += time.perf_counter() - t0
-                if b > a:
-                    local = rows[a:b] - lo
-                    sel = block[local] if b - a < hi - lo else block
-                    va, vb = np.searchsorted(vox_pos, [a, b])
-                    voxels[va:vb] = block[rows[vox_pos[va:vb]] - lo]
-                    if pool is None:
-                        t0 = time.perf_counter()
-                        work(sel, energy[rows[a:b]], int(a), lo, hi)
-                        t_feat += time.perf_counter() - t0
-                    else:
-                        pending.append(pool.submit(work, sel, energy[rows[a:b]], int(a), lo, hi))
-                        if len(pending) > 2 * threads:
-                            pending.pop(0).result()
-                bar.update(hi - lo)
-            for fut in pending:
-                fut.result()
-            t_stream = time.perf_counter() - t_stream
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+    t_stream = time.perf_counter()
+    try:
+        if pool is None:
+            for task in tasks:
+                store(task, S.run_task(path, geometry, names, task))
+        else:
+            futures = {pool.submit(S.run_task, str(path), geometry.to_dict(), names, t): t for t in tasks}
+            for fut in cf.as_completed(futures):
+                store(futures[fut], fut.result())
+    except FeaturesError as exc:
+        raise ValidateError(str(exc)) from exc
+    finally:
+        bar.close()
+    t_stream = time.perf_counter() - t_stream
     return GeneratedSample(feats, energy[rows], eta[rows], pdg[rows], voxels, n, int(np.sum(gen_bins < 0)),
-                           t_read, t_feat if pool is None else None, t_stream)  # fmt: skip
+                           t_read, t_feat, t_stream, {"reader_processes": workers if pool is not None else 0})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- tests
@@ -670,6 +650,16 @@ def _start_floors(
     return pool, pool.submit(_floors, real, train, binning, settings, seed)
 
 
+def _start_readers(workers: int) -> cf.ProcessPoolExecutor:
+    """``workers`` fresh ("spawn") processes for :func:`surrogate.stream.run_task`, one BLAS/OpenMP
+    thread each, asked to start now (a worker imports numpy and h5py in about 0.2 s)."""
+    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=S.init_worker)  # fmt: skip
+    for _ in range(workers):
+        pool.submit(S.warm_up)
+    return pool
+
+
 def apply_holm(tests: list[Test], alpha: float) -> None:
     """Fill in Holm-adjusted p-values and pass flags (in place)."""
     if not tests:
@@ -758,6 +748,8 @@ def run(
     settings_json = json.dumps(settings, sort_keys=True)
     identity = (str(Path(dataset).resolve()), stat.st_size, stat.st_mtime_ns, seed, settings_json)
     state = {} if reuse is None else reuse.setdefault(identity, {})
+    # reader processes for the generated file, started first so that they are up when it is read
+    readers = _start_readers(threads) if threads > 1 else None
     if "real" not in state:
         state["real"] = load_real(dataset, "test")
     real = state["real"]
@@ -777,10 +769,20 @@ def run(
     # this one reads the generated file (it holds the GIL while HDF5 decompresses).
     helper = _start_floors(real, train, binning, settings, s_eval) if settings["floor_process"] and not floors else None
     try:
-        gen = load_generated(generated, real.geometry, real.names, binning, real_bins,
-                             cap=settings["max_generated_events"], chunk_events=settings["chunk_events"],
-                             voxel_events=settings["subsample"]["voxel_classifier_events"], threads=threads,
-                             rng=np.random.default_rng(s_match))  # fmt: skip
+        gen_kw = {"cap": settings["max_generated_events"], "chunk_events": settings["chunk_events"],
+                  "voxel_events": settings["subsample"]["voxel_classifier_events"]}  # fmt: skip
+        try:
+            gen = load_generated(generated, real.geometry, real.names, binning, real_bins, **gen_kw,
+                                 rng=np.random.default_rng(s_match), pool=readers, workers=threads)  # fmt: skip
+        except BrokenProcessPool as exc:  # a reader process died (killed, out of memory): read here instead
+            log.warning("a reader process failed (%s); reading %s in this process", exc, generated)
+            readers.shutdown(wait=False, cancel_futures=True)
+            readers = None
+            gen = load_generated(generated, real.geometry, real.names, binning, real_bins, **gen_kw,
+                                 rng=np.random.default_rng(s_match))  # fmt: skip
+        finally:
+            if readers is not None:
+                readers.shutdown(wait=True, cancel_futures=True)
         log.info("generated: %d events in file, %d matched to the real conditions", gen.rows_in_file, len(gen.energy))
         pages = None
         if helper is not None:
@@ -853,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--generated", required=True, help="generated events HDF5 (generate stage output)")
     parser.add_argument("--out", required=True, help="output folder (summary.json, report.html, plots/)")
     parser.add_argument("--history", default=None, help="training history.jsonl for the training-curve plot")
-    parser.add_argument("--threads", type=int, default=None, help="feature threads (default: validate.threads)")
+    parser.add_argument("--threads", type=int, default=None, help="reader processes for the generated file (default: validate.threads)")
     args, cfg = parse_stage_args(parser, argv)
     history = args.history if args.history and Path(args.history).exists() else None
     try:

@@ -230,3 +230,50 @@ def test_without_truth_modes_uses_cluster_occupancy(dataset, independent, tmp_pa
     ev["showers"] = np.repeat(ev["showers"][:1], 2000, axis=0) * (ev["incident_energies"] / ev["incident_energies"][0])
     bad = _run(cfg, unlabeled, ev, tmp_path, None, plots=False)
     assert _failed(bad, "cluster_occupancy/"), bad["failed"]
+
+
+def _matched(dataset: Path, path: Path, pool: cf.Executor | None, **kw: Any) -> V.GeneratedSample:
+    real = V.load_real(dataset, "test")
+    binning = V.Binning(np.array([10e3, 100e3]), np.array([0.75]), tuple(int(p) for p in np.unique(real.pdg)))
+    return V.load_generated(path, real.geometry, real.names, binning, binning.index(real.energy, real.eta, real.pdg),
+                            cap=0, chunk_events=700, voxel_events=333, rng=np.random.default_rng(4), pool=pool,
+                            workers=2, **kw)  # fmt: skip
+
+
+def test_reader_processes_equal_reading_in_line(dataset, independent, tmp_path: Path) -> None:
+    """Features and kept voxels read by two worker processes equal those read in this process, bit for bit;
+    a bad shower value found there is reported with the file and its rows."""
+    path = _write_generated(tmp_path / "events.h5", independent)
+    pool = V._start_readers(2)
+    try:
+        inline, workers = _matched(dataset, path, None), _matched(dataset, path, pool)
+        assert len(inline.features) > 0.8 * N_GEN and inline.voxels.shape == (333, independent["showers"].shape[1])
+        np.testing.assert_array_equal(workers.features, inline.features)
+        np.testing.assert_array_equal(workers.voxels, inline.voxels)
+        np.testing.assert_array_equal(workers.energy, inline.energy)
+        bad = {**independent, "showers": independent["showers"].copy()}
+        bad["showers"][4300:4400, 7] = np.nan  # a hundred rows: some of them are among the matched ones
+        with pytest.raises(V.ValidateError, match=r"bad\.h5: 'showers' rows 4096\.\.4607: shower row \d+, voxel 7 "):
+            _matched(dataset, _write_generated(tmp_path / "bad.h5", bad), pool)
+    finally:
+        pool.shutdown()
+
+
+def test_failed_reader_process_falls_back(dataset, independent, tmp_path: Path, monkeypatch, caplog) -> None:
+    """If a reader process dies, the stage reads the file itself: same metrics, no error."""
+
+    def dying(workers: int) -> cf.ProcessPoolExecutor:
+        pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(os._exit, 3)
+        return pool
+
+    root = Path(__file__).resolve().parents[1] / "config.yaml"
+    ev = {k: v[:2000] for k, v in independent.items()}
+    for name in ("inline", "fallback"):
+        (tmp_path / name).mkdir()
+    cfg = load_config(root, [*SMALL, "validate.floor_process=false"])
+    inline = _run(cfg, dataset, ev, tmp_path / "inline", None, plots=False, threads=1)
+    monkeypatch.setattr(V, "_start_readers", dying)
+    fallback = _run(cfg, dataset, ev, tmp_path / "fallback", None, plots=False, threads=2)
+    assert "a reader process failed" in caplog.text
+    assert fallback["metrics"] == inline["metrics"]
