@@ -26,6 +26,7 @@ run: $(STAMP)
 	snakemake --cores $(CORES)
 
 test: $(STAMP)
+	ruff check .
 	python -m pytest
 
 bench: $(STAMP)

@@ -3,8 +3,10 @@
 Prints ONE JSON object: ``{"events", "threads", "read_seconds", "stage_seconds", "ratio", ...}``.
 The target is ``ratio <= 2`` (validation must not take much longer than reading the events).
 
-The generated file is synthesised cheaply: a few thousand simulator showers tiled to ``--events``
-rows, written like the generate stage writes (lzf, 1024-row chunks). The reference is a small
+The generated file is synthesised cheaply: 20,000 simulator showers tiled to ``--events``
+rows, written like the generate stage writes (lzf, 1024-row chunks). Its ``verdict`` means little:
+each shower repeats ~50 times, and repeated values make the KS p-values over-confident (a draw of
+the subsamples has been seen to fail one of the 1916 tests). The reference is a small
 contract-format ``dataset.h5`` simulated with another seed. Everything lives in ``--workdir``
 (a temporary folder by default, deleted afterwards).
 
@@ -110,7 +112,7 @@ def main() -> int:
         t0 = time.perf_counter()
         summary = validate.run(cfg, work / "dataset.h5", work / "events.h5", work / "out", threads=args.threads)
         t_stage = time.perf_counter() - t0
-        print(json.dumps({
+        print(json.dumps({  # noqa: T201 - the benchmark's one JSON line
             "events": args.events,
             "real_test_events": summary["real_events"],
             "generated_matched": summary["generated_events_matched"],

@@ -116,7 +116,8 @@ def _column(f: h5py.File, path: str, name: str, dtype: Any, required: bool) -> n
 
 
 def load_conditions_file(path: str | Path, default_pdg: int | None = None) -> Conditions:
-    """Read a user conditions file: ``incident_energies`` (N,) or (N, 1) MeV; optional ``incident_eta``, ``incident_pdg``.
+    """Read a user conditions file: ``incident_energies`` (N,) or (N, 1) MeV; optional ``incident_eta`` and
+    ``incident_pdg``.
 
     A missing ``incident_pdg`` is allowed only when the generator knows one particle
     (``default_pdg``); a missing ``incident_eta`` means eta = 0.
@@ -427,7 +428,8 @@ def _write_shard(
             for start, block in batches:
                 if block.shape[1] != n_voxels:
                     raise GenerateError(
-                        f"generator returns {block.shape[1]} voxels but its geometry has {n_voxels}: corrupt checkpoint?"
+                        f"generator returns {block.shape[1]} voxels but its geometry has {n_voxels}: "
+                        "corrupt checkpoint?"
                     )
                 writer.put((start, block))
         finally:

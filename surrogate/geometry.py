@@ -144,7 +144,7 @@ class Geometry:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Geometry":
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
         layers = tuple(
             Layer(int(d["id"]), tuple(float(x) for x in d["r_edges"]), int(d["n_bin_alpha"])) for d in data["layers"]
         )

@@ -148,7 +148,8 @@ def _read_chunks(item: _Input, particles: set[int], tol: float) -> Iterator[_Chu
         problems = _check_rows(item, arrays, particles, tol)
         if scratch.size != arrays["showers"].size:
             scratch = np.empty(arrays["showers"].shape, dtype=np.uint32)
-        yield _Chunk(start, arrays, problems, _min_positive(arrays["showers"], scratch.reshape(arrays["showers"].shape)))
+        smallest = _min_positive(arrays["showers"], scratch.reshape(arrays["showers"].shape))
+        yield _Chunk(start, arrays, problems, smallest)
 
 
 def _min_positive(showers: np.ndarray, scratch: np.ndarray | None = None) -> float:
@@ -281,7 +282,9 @@ def _remove_stale(out_dir: Path) -> None:
             (out_dir / name).unlink()
 
 
-def run(cfg: dict[str, Any], inputs: Sequence[str | Path], out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def run(
+    cfg: dict[str, Any], inputs: Sequence[str | Path], out_dir: str | Path, progress: bool = True
+) -> dict[str, Any]:
     """Ingest ``inputs`` into ``out_dir/dataset.h5``, ``manifest.json`` and ``config.yaml``; return the manifest.
 
     Raises IngestError (one line naming file, dataset, row and problem) on bad input; then no
@@ -315,7 +318,7 @@ def run(cfg: dict[str, Any], inputs: Sequence[str | Path], out_dir: str | Path, 
         if any(p != present[0] for p in present):
             raise IngestError(
                 "inputs disagree on optional datasets: "
-                + "; ".join(f"{it.path}: {sorted(p) or 'none'}" for it, p in zip(items, present))
+                + "; ".join(f"{it.path}: {sorted(p) or 'none'}" for it, p in zip(items, present, strict=True))
             )
         optional = present[0]
         mode_names = next((it.mode_names for it in items if it.mode_names), [])
@@ -340,7 +343,7 @@ def run(cfg: dict[str, Any], inputs: Sequence[str | Path], out_dir: str | Path, 
                     for s in SPLITS
                 }  # fmt: skip
                 row_base = 0
-                for item, item_labels in zip(items, labels):
+                for item, item_labels in zip(items, labels, strict=True):
                     for chunk in _chunks(item, particles, tol):
                         a, n = chunk.arrays, len(chunk.arrays["incident_energies"])
                         lab = item_labels[chunk.start : chunk.start + n]
@@ -398,7 +401,8 @@ def run(cfg: dict[str, Any], inputs: Sequence[str | Path], out_dir: str | Path, 
                 "format_version": FORMAT_VERSION,
                 "package_version": surrogate.__version__,
                 "dataset": str(dataset_path),
-                "inputs": [{"path": str(it.path), "sha256": digest.result(), "rows": it.rows} for it, digest in zip(items, digests)],
+                "inputs": [{"path": str(it.path), "sha256": digest.result(), "rows": it.rows}
+                           for it, digest in zip(items, digests, strict=True)],
                 "rows": {**counts, "total_read": total, "dropped": int(sum(stats.dropped.values()))},
                 "dropped": dict(stats.dropped),
                 "conditions": {"names": pre.condition_names, **stats.summary(optional, mode_names)},
@@ -447,10 +451,10 @@ class _Stats:
         self.energies.append(pick(a["incident_energies"]).astype(np.float32))
         if "incident_pdg" in optional:
             codes, n = np.unique(pick(a["incident_pdg"]), return_counts=True)
-            self.particles.update(dict(zip(codes.tolist(), n.tolist())))
+            self.particles.update(dict(zip(codes.tolist(), n.tolist(), strict=True)))
         if "mode" in optional:
             codes, n = np.unique(pick(a["mode"]), return_counts=True)
-            self.modes.update(dict(zip(codes.tolist(), n.tolist())))
+            self.modes.update(dict(zip(codes.tolist(), n.tolist(), strict=True)))
         if "incident_eta" in optional:
             eta = pick(a["incident_eta"])
             self.eta = [min(self.eta[0], float(eta.min())), max(self.eta[1], float(eta.max()))]
@@ -467,11 +471,12 @@ class _Stats:
             "energy_mev": {
                 "min": float(e.min()),
                 "max": float(e.max()),
-                "quantiles": {str(q): float(v) for q, v in zip(qs, np.quantile(e, qs))},
+                "quantiles": {str(q): float(v) for q, v in zip(qs, np.quantile(e, qs), strict=True)},
             },
             "eta": {"min": self.eta[0], "max": self.eta[1]} if "incident_eta" in optional else None,
             "particles": {str(k): v for k, v in sorted(self.particles.items())},
-            "modes": {(mode_names[k] if 0 <= k < len(mode_names) else str(k)): v for k, v in sorted(self.modes.items())},
+            "modes": {(mode_names[k] if 0 <= k < len(mode_names) else str(k)): v
+                      for k, v in sorted(self.modes.items())},
         }
 
 

@@ -424,7 +424,8 @@ def fpd(
     means = []
     for n in sizes:
         vals = [
-            frechet_distance(*_moments(real[rng.integers(0, len(real), n)]), *_moments(gen[rng.integers(0, len(gen), n)]))
+            frechet_distance(*_moments(real[rng.integers(0, len(real), n)]),
+                             *_moments(gen[rng.integers(0, len(gen), n)]))
             for _ in range(num_batches)
         ]
         means.append(np.mean(vals))

@@ -15,6 +15,7 @@ feature and the log layer and total energies as extra inputs (``critic_physics_w
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +199,9 @@ class Generator(nn.Module):
         self.z_dim = cfg.z_dim
         widths = [cfg.z_dim + cfg.cond_dim] + [cfg.g_width] * cfg.g_depth
         if cfg.conditioning == "film" and cfg.cond_dim > 0:
-            self.blocks = nn.ModuleList(_FiLMBlock(a, b, cfg.cond_dim) for a, b in zip(widths[:-1], widths[1:]))
+            self.blocks = nn.ModuleList(_FiLMBlock(a, b, cfg.cond_dim) for a, b in itertools.pairwise(widths))
         else:
-            self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+            self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         if cfg.output != "linear" and head is None:
             raise ModelError(f"model config: output {cfg.output!r} needs the preprocessing (head_info)")
         self.head = LayeredHead(head) if cfg.output == "layered" else None

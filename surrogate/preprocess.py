@@ -206,7 +206,9 @@ class Preprocessor:
             cols.append(2.0 * (h - a) / max(b - a, 1e-12) - 1.0)
         if len(self.particles) > 1:
             if pdg is None:
-                raise PreprocessError(f"the generator was trained on particles {list(self.particles)}; give incident_pdg")
+                raise PreprocessError(
+                    f"the generator was trained on particles {list(self.particles)}; give incident_pdg"
+                )
             p = np.asarray(pdg).reshape(-1)
             unknown = sorted(set(np.unique(p).tolist()) - set(self.particles))
             if unknown:

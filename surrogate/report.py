@@ -94,7 +94,8 @@ class ShowerSampler(torch.nn.Module):
 
 
 def resolve_tracking_uri(cfg: dict[str, Any], root: Path | None = None) -> str:
-    """Tracking URI: config, else ``MLFLOW_TRACKING_URI``, else SQLite at ``<root>/mlflow.db`` (root: the project, i.e. cwd)."""
+    """Tracking URI: config, else ``MLFLOW_TRACKING_URI``, else SQLite at ``<root>/mlflow.db``
+    (root: the project, i.e. the working directory)."""
     uri = cfg.get("report", {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri

@@ -302,7 +302,8 @@ def load_generated(
         bar.close()
     t_stream = time.perf_counter() - t_stream
     return GeneratedSample(feats, energy[rows], eta[rows], pdg[rows], voxels, n, int(np.sum(gen_bins < 0)),
-                           t_read, t_feat, t_stream, {"reader_processes": workers if pool is not None else 0})  # fmt: skip
+                           t_read, t_feat, t_stream,
+                           {"reader_processes": workers if pool is not None else 0})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- tests
@@ -376,11 +377,12 @@ def _mode_classifier(train: RealSample | None, n_train: int, iters: int, seed: i
     return clf.fit(_mode_inputs(train)[idx], train.mode[idx])
 
 
-def _mode_inputs(s: RealSample | GeneratedSample, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+def _mode_inputs(s: RealSample | GeneratedSample, rows: np.ndarray | None = None) -> np.ndarray:
+    rows = slice(None) if rows is None else rows
     return np.column_stack([s.features[rows], np.log(s.energy[rows]), np.abs(s.eta[rows]), s.pdg[rows]])
 
 
-def _predict_modes(clf: Any, s: RealSample | GeneratedSample, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+def _predict_modes(clf: Any, s: RealSample | GeneratedSample, rows: np.ndarray | None = None) -> np.ndarray:
     """(n,) int64 predicted truth mode of the events ``rows`` of ``s``."""
     return clf.predict(_mode_inputs(s, rows)).astype(np.int64)
 
@@ -855,7 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--generated", required=True, help="generated events HDF5 (generate stage output)")
     parser.add_argument("--out", required=True, help="output folder (summary.json, report.html, plots/)")
     parser.add_argument("--history", default=None, help="training history.jsonl for the training-curve plot")
-    parser.add_argument("--threads", type=int, default=None, help="reader processes for the generated file (default: validate.threads)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="reader processes for the generated file (default: validate.threads)")
     args, cfg = parse_stage_args(parser, argv)
     history = args.history if args.history and Path(args.history).exists() else None
     try:

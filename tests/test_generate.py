@@ -12,12 +12,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from surrogate import generate
 from surrogate.config import load_config
 from surrogate.generate import GenerateError
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config.yaml"
@@ -167,7 +166,7 @@ def test_condition_sources(env, tmp_path):
         test = [f[f"test/{k}"][:, 0] for k in ("incident_energies", "incident_eta", "incident_pdg")]
         rows = {(float(e), float(h), int(p)) for e, h, p in zip(*test, strict=True)}
     with h5py.File(out, "r") as f:
-        got = zip(f["incident_energies"][:, 0], f["incident_eta"][:, 0], f["incident_pdg"][:, 0])
+        got = zip(f["incident_energies"][:, 0], f["incident_eta"][:, 0], f["incident_pdg"][:, 0], strict=True)
         assert all((float(e), float(h), int(p)) in rows for e, h, p in got)
         assert f.attrs["condition_source"] == "test"
 
