@@ -59,14 +59,10 @@ class _Layout:
     """Per-geometry constants, built once and cached: everything that is not event data."""
 
     layer_ids: tuple[int, ...]
-    member: np.ndarray  # (V, L) one-hot: voxel v belongs to active layer l
-    layer_index: np.ndarray  # (V,) active-layer index of each voxel
-    x: np.ndarray  # (V,) voxel-centre x, mm
-    y: np.ndarray  # (V,) voxel-centre y, mm
-    member_x: np.ndarray  # (V, L) member * x, so S @ member_x is the per-layer sum of E*x
-    member_y: np.ndarray  # (V, L)
+    starts: np.ndarray  # (L,) first voxel of each active layer (a layer's voxels are consecutive)
+    ranges: tuple[tuple[int, int], ...]  # (first, end) voxel of each active layer
+    moments: tuple[np.ndarray, ...]  # per layer (n_l, 5): [1, x, y, x^2, y^2] of its voxel centres, mm
     n_per_layer: np.ndarray  # (L,) voxels per active layer
-    moments: np.ndarray  # (V, 5L) [member, member x, member y, member x^2, member y^2]: one matmul for all sums
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,24 +70,20 @@ def _layout(geometry: Geometry) -> _Layout:
     layer_index, _, _ = geometry.voxel_centres()
     x, y = geometry.voxel_xy()
     n_layers = len(geometry.active_layers)
-    member = np.zeros((geometry.n_voxels, n_layers))
-    member[np.arange(geometry.n_voxels), layer_index] = 1.0
+    starts = np.flatnonzero(np.r_[True, np.diff(layer_index) != 0])
+    # CaloChallenge voxel order (layer slowest) makes each layer one range of voxels
+    if not (np.all(np.diff(layer_index) >= 0) and len(starts) == n_layers):
+        raise FeaturesError(f"geometry {geometry.name!r}: the voxels of a layer are not consecutive")
+    ranges = tuple(zip(starts.tolist(), [*starts[1:].tolist(), geometry.n_voxels], strict=True))
     layout = _Layout(
         layer_ids=tuple(layer.id for layer in geometry.active_layers),
-        member=member,
-        layer_index=layer_index,
-        x=x,
-        y=y,
-        member_x=member * x[:, None],
-        member_y=member * y[:, None],
-        n_per_layer=member.sum(axis=0),
-        moments=np.ascontiguousarray(np.concatenate(
-            [member, member * x[:, None], member * y[:, None], member * (x * x)[:, None], member * (y * y)[:, None]],
-            axis=1)),
-    )  # fmt: skip
+        starts=starts,
+        ranges=ranges,
+        moments=tuple(np.stack([np.ones(b - a), x[a:b], y[a:b], x[a:b] ** 2, y[a:b] ** 2], axis=1) for a, b in ranges),
+        n_per_layer=np.array([b - a for a, b in ranges], dtype=np.float64),
+    )
     # shared by every caller through the cache: make accidental in-place edits fail loudly
-    for arr in (layout.member, layout.layer_index, layout.x, layout.y, layout.member_x, layout.member_y,
-                layout.moments):  # fmt: skip
+    for arr in (layout.starts, *layout.moments):
         arr.setflags(write=False)
     layout.n_per_layer.setflags(write=False)
     return layout
@@ -127,17 +119,18 @@ def _check_inputs(showers: np.ndarray, energies: np.ndarray, geometry: Geometry)
     # float64 from here on: sums over ~500 voxels of float32 lose digits we need for the widths
     s = showers.astype(np.float64, copy=True)
     e = energies.astype(np.float64)
-    bad = ~np.isfinite(s) | (s < 0)
-    if bad.any():
+    # two reductions instead of (N, V) masks: NaN fails both comparisons, +inf the second
+    if s.size and not (s.min() >= 0 and s.max() < np.inf):
+        bad = ~np.isfinite(s) | (s < 0)
         row, col = np.argwhere(bad)[0]
         raise FeaturesError(
-            f"shower row {row}, voxel {col} has energy {showers[row, col]!r}; energies must be finite and >= 0 MeV "
-            f"({int(bad.any(axis=1).sum())} bad rows in this chunk)"
+            f"shower row {row}, voxel {col} has energy {float(showers[row, col])!r}; energies must be finite and "
+            f">= 0 MeV ({int(bad.any(axis=1).sum())} bad rows in this chunk)"
         )
     bad_e = ~np.isfinite(e) | (e <= 0)
     if bad_e.any():
         row = int(np.flatnonzero(bad_e)[0])
-        raise FeaturesError(f"incident energy of row {row} is {energies[row]!r}; it must be finite and > 0 MeV")
+        raise FeaturesError(f"incident energy of row {row} is {float(e[row])!r}; it must be finite and > 0 MeV")
     return s, e
 
 
@@ -170,15 +163,21 @@ def compute_features(
     s, e_inc = _check_inputs(showers, energies, geometry)
     lay = _layout(geometry)
 
-    # every per-layer sum in one float64 matmul (N, V) @ (V, 5L): E, E x, E y, E x^2, E y^2
-    sums = np.split(s @ lay.moments, 5, axis=1)
+    # per-layer sums E, E x, E y, E x^2, E y^2: one float64 (N, n_l) @ (n_l, 5) product per layer
+    # (7x fewer operations than one product with a block-diagonal (V, 5L) matrix)
+    sums5 = np.empty((5, len(s), len(lay.ranges)))
+    for j, (a, b) in enumerate(lay.ranges):
+        sums5[:, :, j] = (s[:, a:b] @ lay.moments[j]).T
+    sums = list(sums5)
     e_layer = sums[0]  # (N, L) MeV
     e_dep = e_layer.sum(axis=1)  # (N,)
     cx = _safe_divide(sums[1], e_layer)  # (N, L) mm
     cy = _safe_divide(sums[2], e_layer)
     wx = _width(_safe_divide(sums[3], e_layer), cx)
     wy = _width(_safe_divide(sums[4], e_layer), cy)
-    sparsity = ((s > threshold).astype(np.float64) @ lay.member) / lay.n_per_layer
+    # hits counted over each layer's range of voxels: no float64 copy of the (N, V) mask
+    hits = np.add.reduceat((s > threshold).view(np.uint8), lay.starts, axis=1, dtype=np.int64)
+    sparsity = hits / lay.n_per_layer
 
     out: dict[str, np.ndarray] = {"E_dep": e_dep, "E_ratio": e_dep / e_inc}
     per_layer = {

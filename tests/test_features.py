@@ -136,6 +136,7 @@ def test_chunking_does_not_change_results(default_geometry):
         (np.zeros((2, 9)), np.ones((3, 1)), "expected"),
         (np.full((2, 9), -1.0), np.ones((2, 1)), "row 0, voxel 0"),
         (np.where(np.arange(9) == 4, np.nan, 0.0)[None].repeat(2, 0), np.ones((2, 1)), "voxel 4"),
+        (np.where(np.arange(9) == 6, np.inf, 0.0)[None].repeat(2, 0), np.ones((2, 1)), "row 0, voxel 6 has energy inf"),
         (np.zeros((2, 9)), np.array([[1.0], [0.0]]), "row 1"),
     ],
 )
