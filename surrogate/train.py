@@ -96,6 +96,13 @@ _RESUMABLE_KEYS = ("steps", "max_minutes", "threads", "log_every", "checkpoint_e
                    "eval_events", "on_nonfinite", "max_rollbacks", "on_incompatible_checkpoint")  # fmt: skip
 
 
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through an open file: given a path, torch names the archive inside after the
+    file, and the temporary name of an atomic write would make equal checkpoints differ in bytes."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
 class TrainError(RuntimeError):
     """A dataset, checkpoint or setting the train stage refuses, with a message naming it."""
 
@@ -702,7 +709,7 @@ class _Trainer:
             return
         weights = self.best["weights"] if self.best["weights"] is not None else self.state.G_ema.state_dict()
         with atomic_path(self.state_path) as tmp:
-            torch.save({
+            _save({
                 "state_version": STATE_VERSION, "compat_json": json.dumps(self.compat, sort_keys=True),
                 **self.state.state_dict(), "rng_ranks": rngs, "best_score": self.best["score"],
                 "best_step": self.best["step"], "best_weights": weights, "wall_seconds": self.wall_before + elapsed,
@@ -785,7 +792,7 @@ class _Trainer:
         if self.lead:
             gen_path = self.out / "generator.pt"
             with atomic_path(gen_path) as tmp:
-                torch.save({
+                _save({
                     "format_version": FORMAT_VERSION, "model_config": state.model_config.to_dict(),
                     "ema_state_dict": self.best["weights"], "preprocessing": self.attrs["preprocessing"],
                     "condition_names": list(self.attrs["condition_names"]), "geometry": self.attrs["geometry"],

@@ -210,6 +210,14 @@ def test_resume_continues_and_matches_an_uninterrupted_run(dataset, tmp_path, ca
             assert torch.equal(a[key][name], tensor), f"{key}.{name} differs after resume"
 
 
+def test_same_seed_gives_identical_generator_bytes(dataset, tmp_path):
+    """Same config and seed: byte-identical generator.pt (no temporary file name inside the archive)."""
+    for name in ("a", "b"):
+        run(_cfg("train.steps=4"), dataset, tmp_path / name, progress=False)
+    a, b = ((tmp_path / n / "generator.pt").read_bytes() for n in ("a", "b"))
+    assert a == b and b".generator.pt." not in a
+
+
 def test_incompatible_checkpoint_is_refused_unless_restart(dataset, tmp_path):
     run(_cfg("train.steps=2"), dataset, tmp_path, progress=False)
     with pytest.raises(TrainError, match=r"train\.lr_g.*--restart"):
