@@ -750,8 +750,6 @@ def run(
     settings_json = json.dumps(settings, sort_keys=True)
     identity = (str(Path(dataset).resolve()), stat.st_size, stat.st_mtime_ns, seed, settings_json)
     state = {} if reuse is None else reuse.setdefault(identity, {})
-    # reader processes for the generated file, started first so that they are up when it is read
-    readers = _start_readers(threads) if threads > 1 else None
     if "real" not in state:
         state["real"] = load_real(dataset, "test")
     real = state["real"]
@@ -770,6 +768,8 @@ def run(
     # The real-vs-real floors need only the real samples: a second process computes them while
     # this one reads the generated file (it holds the GIL while HDF5 decompresses).
     helper = _start_floors(real, train, binning, settings, s_eval) if settings["floor_process"] and not floors else None
+    # reader processes for the generated file; they start while its conditions are read and matched
+    readers = _start_readers(threads) if threads > 1 else None
     try:
         gen_kw = {"cap": settings["max_generated_events"], "chunk_events": settings["chunk_events"],
                   "voxel_events": settings["subsample"]["voxel_classifier_events"]}  # fmt: skip
