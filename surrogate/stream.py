@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from surrogate.features import FeaturesError, compute_features
 from surrogate.geometry import Geometry
 
-__all__ = ["Task", "TaskResult", "plan", "features", "run_task"]
+__all__ = ["Task", "TaskResult", "plan", "features", "run_task", "warm_up", "init_worker"]
 
 # Rows per compute_features call: its (rows, V) float64 copy then stays in the L2 cache. Measured on
 # this project's machines (one thread, 533 voxels): 512 rows 2.2 s per 1M events, 1024 rows 2.1-2.3 s,

@@ -43,7 +43,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class GeneratedSample:
     read_seconds: float  # reading the showers (HDF5 + decompression; summed over reader processes)
     feature_seconds: float | None  # computing the features (summed over reader processes); None for a stand-in
     stream_seconds: float  # wall time of the whole read-and-features loop
-    extra: dict[str, Any] = field(default_factory=dict)
+    reader_processes: int = 0  # processes that read the file (0: this one)
 
 
 def _read(f: h5py.File, path: Path, name: str, required: bool = True) -> np.ndarray | None:
@@ -302,8 +302,7 @@ def load_generated(
         bar.close()
     t_stream = time.perf_counter() - t_stream
     return GeneratedSample(feats, energy[rows], eta[rows], pdg[rows], voxels, n, int(np.sum(gen_bins < 0)),
-                           t_read, t_feat, t_stream,
-                           {"reader_processes": workers if pool is not None else 0})  # fmt: skip
+                           t_read, t_feat, t_stream, workers if pool is not None else 0)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- tests
@@ -825,6 +824,7 @@ def run(
         "generated_events_in_file": gen.rows_in_file,
         "generated_events_matched": len(gen.energy),
         "generated_events_unknown_particle": gen.rows_dropped_unmatched,
+        "reader_processes": gen.reader_processes,
         "subsample": info["subsample"],
         "bins_used": info["bins_used"],
         "mode_method": info["modes"]["method"],

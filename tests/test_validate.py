@@ -251,6 +251,7 @@ def test_reader_processes_equal_reading_in_line(dataset, independent, tmp_path: 
         np.testing.assert_array_equal(workers.features, inline.features)
         np.testing.assert_array_equal(workers.voxels, inline.voxels)
         np.testing.assert_array_equal(workers.energy, inline.energy)
+        assert (workers.reader_processes, inline.reader_processes) == (2, 0)
         bad = {**independent, "showers": independent["showers"].copy()}
         bad["showers"][4300:4400, 7] = np.nan  # a hundred rows: some of them are among the matched ones
         with pytest.raises(V.ValidateError, match=r"bad\.h5: 'showers' rows 4096\.\.4607: shower row \d+, voxel 7 "):
@@ -275,5 +276,5 @@ def test_failed_reader_process_falls_back(dataset, independent, tmp_path: Path, 
     inline = _run(cfg, dataset, ev, tmp_path / "inline", None, plots=False, threads=1)
     monkeypatch.setattr(V, "_start_readers", dying)
     fallback = _run(cfg, dataset, ev, tmp_path / "fallback", None, plots=False, threads=2)
-    assert "a reader process failed" in caplog.text
+    assert "a reader process failed" in caplog.text and fallback["reader_processes"] == 0
     assert fallback["metrics"] == inline["metrics"]
