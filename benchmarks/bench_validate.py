@@ -3,6 +3,13 @@
 Prints ONE JSON object: ``{"events", "threads", "read_seconds", "stage_seconds", "ratio", ...}``.
 The target is ``ratio <= 2`` (validation must not take much longer than reading the events).
 
+``stage_seconds`` is the stage as the workflow runs it: the real-vs-real floors come from their
+own rule (``validate floors``, run once per dataset beside training; its time is
+``floors_seconds``), the stage reads them. ``stage_seconds_floors_inline`` is the stage computing
+its floors itself (no ``--floors``). Both time :func:`surrogate.validate.run` after the stage's
+modules are imported (``import_seconds``: scipy and scikit-learn, which the stage imports on first
+use, are imported first, as a process starting the stage does before any event is read).
+
 The generated file is synthesised cheaply: 20,000 simulator showers tiled to ``--events``
 rows, written like the generate stage writes (lzf, 1024-row chunks). Its ``verdict`` means little:
 each shower repeats ~50 times, and repeated values make the KS p-values over-confident (a draw of
@@ -10,7 +17,7 @@ the subsamples has been seen to fail one of the 1916 tests). The reference is a 
 contract-format ``dataset.h5`` simulated with another seed. Everything lives in ``--workdir``
 (a temporary folder by default, deleted afterwards).
 
-    python benchmarks/bench_validate.py [--events 1000000] [--threads 2] [--workdir DIR]
+    python benchmarks/bench_validate.py [--events 1000000] [--threads 2] [--workdir DIR] [--no-inline]
 """
 
 from __future__ import annotations
@@ -94,6 +101,8 @@ def main() -> int:
     ap.add_argument("--real-events", type=int, default=20_000, help="simulated events in dataset.h5 (half test)")
     ap.add_argument("--workdir", default=None, help="keep the files here (reused when present) instead of a temp dir")
     ap.add_argument("--log-level", default="INFO", help="INFO shows the stage's per-step timings on stderr")
+    ap.add_argument("--no-inline", dest="inline", action="store_false",
+                    help="skip the run that computes the floors in the stage (saves ~20 s)")
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_validate_"))
@@ -107,21 +116,46 @@ def main() -> int:
             with atomic_path(work / "events.h5") as tmp:
                 write_generated(tmp, cfg, args.events, n_unique=20_000, seed=2)
         chunk = cfg["validate"]["chunk_events"]
+        t0 = time.perf_counter()
+        import scipy.stats  # noqa: F401 - what the stage imports on first use, imported as a starting process does
+        import sklearn.ensemble  # noqa: F401
+
+        from surrogate import metrics  # noqa: F401
+        t_import = time.perf_counter() - t0
         read_only(work / "events.h5", chunk)  # warm the page cache so both timings read from memory
         t_read = read_only(work / "events.h5", chunk)
         t0 = time.perf_counter()
-        summary = validate.run(cfg, work / "dataset.h5", work / "events.h5", work / "out", threads=args.threads)
+        validate.compute_floors(cfg, work / "dataset.h5", work / "floors.json", threads=args.threads)
+        t_floors = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        summary = validate.run(cfg, work / "dataset.h5", work / "events.h5", work / "out", threads=args.threads,
+                               floors_path=work / "floors.json")  # fmt: skip
         t_stage = time.perf_counter() - t0
+        if summary["floors"] != str(work / "floors.json"):
+            raise SystemExit(f"the stage did not use the floors file ({summary['floors']})")
+        t_inline = None
+        if args.inline:
+            t0 = time.perf_counter()
+            inline = validate.run(cfg, work / "dataset.h5", work / "events.h5", work / "out_inline",
+                                  threads=args.threads)  # fmt: skip
+            t_inline = time.perf_counter() - t0
+            if inline["metrics"] != summary["metrics"]:
+                raise SystemExit("floors computed in the stage gave other metrics than floors read from the file")
         print(json.dumps({  # noqa: T201 - the benchmark's one JSON line
             "events": args.events,
             "real_test_events": summary["real_events"],
             "generated_matched": summary["generated_events_matched"],
+            "generated_features": summary["generated_events_features"],
             "threads": args.threads,
             "read_seconds": round(t_read, 2),
             "stage_seconds": round(t_stage, 2),
             "ratio": round(t_stage / t_read, 2),
             "target_ratio": 2.0,
-            # the part that grows with N (reading + features inside the stage) and the rest, which does not
+            "floors_seconds": round(t_floors, 2),
+            "stage_seconds_floors_inline": None if t_inline is None else round(t_inline, 2),
+            "ratio_floors_inline": None if t_inline is None else round(t_inline / t_read, 2),
+            "import_seconds": round(t_import, 2),
+            # the part that grows with N (reading, checking, features inside the stage) and the rest
             "stream_ratio": round(summary["seconds"]["stream_generated"] / t_read, 2),
             "fixed_seconds": round(t_stage - summary["seconds"]["stream_generated"], 2),
             "stage_breakdown_seconds": {k: None if v is None else round(v, 2) for k, v in summary["seconds"].items()},

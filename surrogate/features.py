@@ -38,6 +38,7 @@ __all__ = [
     "FeaturesError",
     "LAYER_QUANTITIES",
     "feature_names",
+    "check_showers",
     "compute_features",
     "feature_matrix",
     "iter_features_hdf5",
@@ -116,22 +117,43 @@ def _check_inputs(showers: np.ndarray, energies: np.ndarray, geometry: Geometry)
             f"incident energies have shape {np.asarray(energies).shape}, expected ({showers.shape[0]}, 1) "
             "to match the showers"
         )
+    # two reductions instead of (N, V) masks: NaN fails both comparisons, +inf the second. On the
+    # input as it is (float32 from the files: half the memory traffic of the float64 copy)
+    if showers.size and not (showers.min() >= 0 and showers.max() < np.inf):
+        _raise_bad_value(showers)
     # float64 from here on: sums over ~500 voxels of float32 lose digits we need for the widths
     s = showers.astype(np.float64, copy=True)
     e = energies.astype(np.float64)
-    # two reductions instead of (N, V) masks: NaN fails both comparisons, +inf the second
-    if s.size and not (s.min() >= 0 and s.max() < np.inf):
-        bad = ~np.isfinite(s) | (s < 0)
-        row, col = np.argwhere(bad)[0]
-        raise FeaturesError(
-            f"shower row {row}, voxel {col} has energy {float(showers[row, col])!r}; energies must be finite and "
-            f">= 0 MeV ({int(bad.any(axis=1).sum())} bad rows in this chunk)"
-        )
     bad_e = ~np.isfinite(e) | (e <= 0)
     if bad_e.any():
         row = int(np.flatnonzero(bad_e)[0])
         raise FeaturesError(f"incident energy of row {row} is {float(e[row])!r}; it must be finite and > 0 MeV")
     return s, e
+
+
+def _raise_bad_value(showers: np.ndarray) -> None:
+    bad = ~np.isfinite(showers) | (showers < 0)
+    row, col = np.argwhere(bad)[0]
+    raise FeaturesError(
+        f"shower row {row}, voxel {col} has energy {float(showers[row, col])!r}; energies must be finite and "
+        f">= 0 MeV ({int(bad.any(axis=1).sum())} bad rows in this chunk)"
+    )
+
+
+def check_showers(showers: np.ndarray) -> np.ndarray:
+    """Check a chunk of showers (N, V) MeV and return each one's deposited energy (N,) float64 MeV.
+
+    Raises :class:`FeaturesError` naming the first row and voxel with a value that is not finite
+    or negative. Two passes over the chunk as it is (no float64 copy): the minimum catches NaN, -inf
+    and negative values, the float64 row sums catch +inf.
+    """
+    showers = np.asarray(showers)
+    if showers.ndim != 2:
+        raise FeaturesError(f"showers have shape {showers.shape}, expected (N, voxels)")
+    e_dep = showers.sum(axis=1, dtype=np.float64)
+    if showers.size and not (showers.min() >= 0 and np.isfinite(e_dep).all()):
+        _raise_bad_value(showers)
+    return e_dep
 
 
 def _width(mean_sq: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -161,6 +183,7 @@ def compute_features(
         dict name -> (N,) float64 array, keys in :func:`feature_names` order (see the module docstring).
     """
     s, e_inc = _check_inputs(showers, energies, geometry)
+    raw = np.asarray(showers)
     lay = _layout(geometry)
 
     # per-layer sums E, E x, E y, E x^2, E y^2: one float64 (N, n_l) @ (n_l, 5) product per layer
@@ -175,8 +198,9 @@ def compute_features(
     cy = _safe_divide(sums[2], e_layer)
     wx = _width(_safe_divide(sums[3], e_layer), cx)
     wy = _width(_safe_divide(sums[4], e_layer), cy)
-    # hits counted over each layer's range of voxels: no float64 copy of the (N, V) mask
-    hits = np.add.reduceat((s > threshold).view(np.uint8), lay.starts, axis=1, dtype=np.int64)
+    # hits counted over each layer's range of voxels, on the input as it is (float32: half the
+    # traffic); the threshold as a float64 scalar so the comparison is the float64 one
+    hits = np.add.reduceat((raw > np.float64(threshold)).view(np.uint8), lay.starts, axis=1, dtype=np.int64)
     sparsity = hits / lay.n_per_layer
 
     out: dict[str, np.ndarray] = {"E_dep": e_dep, "E_ratio": e_dep / e_inc}

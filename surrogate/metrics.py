@@ -20,9 +20,10 @@ integer labels of shape (N,). :func:`holm` is a helper for the p-values, not a m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -30,7 +31,6 @@ from scipy import linalg, stats
 from sklearn.cluster import KMeans
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import pairwise_distances, roc_auc_score
-from sklearn.metrics.pairwise import polynomial_kernel
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 
@@ -170,6 +170,32 @@ def _bootstrap(
 
 
 # ----------------------------------------------------------------------------- 1-D metrics
+#
+# The three 1-D distances take one feature, (N,), or many at once, (N, F): the validate stage runs
+# them on all ~50 features of a condition bin in one call, column by column in vectorised form (a
+# Python loop over features and bootstrap draws cost 4 of its 7 s per side). For (N, F) input the
+# bootstrap resamples *events*, shared by all columns, so column j of a matrix call equals the
+# call on column j alone with the same seed.
+
+
+def _as_columns(real: Any, gen: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(N, F) and (M, F) float64 views of 1-D metric input, and whether it was a single (N,) column."""
+    out = []
+    for x, what in ((real, "real"), (gen, "generated")):
+        a = np.asarray(x, dtype=np.float64)
+        if a.ndim not in (1, 2) or a.shape[0] == 0 or a.size == 0:
+            raise MetricError(f"{what} sample must be a non-empty (N,) or (N, F) array, got shape {np.shape(x)}")
+        a2 = a[:, None] if a.ndim == 1 else a
+        bad = ~np.isfinite(a2)
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            where = f"row {row}" if a.ndim == 1 else f"row {row}, feature {col}"
+            raise MetricError(f"{what} sample has a non-finite value {a2[row, col]} at {where}")
+        out.append((a2, a.ndim == 1))
+    (r, r1), (g, g1) = out
+    if r1 != g1 or r.shape[1] != g.shape[1]:
+        raise MetricError(f"real has shape {np.shape(real)} but generated has {np.shape(gen)}: features differ")
+    return r, g, r1
 
 
 def _quantile_edges(real: np.ndarray, bins: int | Sequence[float]) -> np.ndarray:
@@ -191,21 +217,46 @@ def _bin_index(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return idx
 
 
-def _unit_histogram(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    counts = np.bincount(_bin_index(x, edges), minlength=len(edges) + 1).astype(np.float64)
-    return counts / counts.sum()
+def _column_edges(real: np.ndarray, bins: Any) -> list[np.ndarray]:
+    """Edges per column of ``real`` (N, F): ``bins`` is a count (real quantiles), one edge sequence
+    for every column, or a sequence of F edge sequences."""
+    n_feat = real.shape[1]
+    if np.ndim(bins) == 0:
+        q = np.quantile(real, np.linspace(0.0, 1.0, int(bins) + 1), axis=0)  # (bins + 1, F)
+        return [_quantile_edges(real[:, j], q[:, j]) for j in range(n_feat)]
+    if all(np.ndim(b) == 0 for b in bins):
+        return [_quantile_edges(real[:, j], bins) for j in range(n_feat)]
+    if len(bins) != n_feat:
+        raise MetricError(f"separation_power: {len(bins)} edge sequences for {n_feat} features")
+    return [_quantile_edges(real[:, j], b) for j, b in enumerate(bins)]
 
 
-def _separation_of_counts(c1: np.ndarray, c2: np.ndarray) -> float:
-    # Hand-written: CaloChallenge's definition, no library provides it.
-    h1, h2 = c1 / c1.sum(), c2 / c2.sum()
-    s = h1 + h2
-    nz = s > 0
-    return float(0.5 * np.sum((h1[nz] - h2[nz]) ** 2 / s[nz]))
+class _Histograms:
+    """Bin indices of both samples in every column's binning, flattened so that one ``bincount``
+    histograms all columns: column j owns the slots ``offsets[j] .. offsets[j + 1] - 1``."""
 
+    def __init__(self, real: np.ndarray, gen: np.ndarray, edges: list[np.ndarray]) -> None:
+        sizes = np.array([len(e) + 1 for e in edges])
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_feat = len(edges)
+        self.ir = np.stack([_bin_index(real[:, j], e) for j, e in enumerate(edges)], axis=1) + self.offsets[:-1]
+        self.ig = np.stack([_bin_index(gen[:, j], e) for j, e in enumerate(edges)], axis=1) + self.offsets[:-1]
 
-def _separation(real: np.ndarray, gen: np.ndarray, edges: np.ndarray) -> float:
-    return _separation_of_counts(_unit_histogram(real, edges), _unit_histogram(gen, edges))
+    def counts(self, idx: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """(K,) counts of all columns; ``weights``: (N,) per-event multiplicities (a bootstrap draw)."""
+        w = None if weights is None else np.repeat(weights, self.n_feat)
+        return np.bincount(idx.ravel(), weights=w, minlength=int(self.offsets[-1])).astype(np.float64)
+
+    def separation(self, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
+        """(F,) separation powers of counts (..., K) -> (..., F)."""
+        # Hand-written: CaloChallenge's definition, no library provides it.
+        starts = self.offsets[:-1]
+        seg = np.repeat(np.arange(self.n_feat), np.diff(self.offsets))
+        h1 = c1 / np.add.reduceat(c1, starts, axis=-1)[..., seg]
+        h2 = c2 / np.add.reduceat(c2, starts, axis=-1)[..., seg]
+        s = h1 + h2
+        term = np.divide((h1 - h2) ** 2, s, out=np.zeros_like(s), where=s > 0)
+        return 0.5 * np.add.reduceat(term, starts, axis=-1)
 
 
 def _resampled_counts(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -213,75 +264,95 @@ def _resampled_counts(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.bincount(rng.integers(0, n, n), minlength=n)
 
 
-def _separation_error(real: np.ndarray, gen: np.ndarray, edges: np.ndarray, n_boot: int, seed: int) -> float:
-    """Bootstrap std of the separation power, binning fixed: the same resamplings as :func:`_bootstrap`,
-    but each one only re-weights the bin indices found once (no search per resampling)."""
-    if n_boot < 2:
-        return 0.0
+def _draws(n_real: int, n_gen: int, n_boot: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per-event multiplicities of ``n_boot`` resamplings of both samples, the draws of :func:`_bootstrap`."""
     rng = np.random.default_rng(seed)
-    ir, ig = _bin_index(real, edges), _bin_index(gen, edges)
-    nb = len(edges) + 1
-    draws = [
-        _separation_of_counts(
-            np.bincount(ir, weights=_resampled_counts(len(ir), rng), minlength=nb),
-            np.bincount(ig, weights=_resampled_counts(len(ig), rng), minlength=nb),
-        )
-        for _ in range(n_boot)
-    ]
-    return float(np.std(draws, ddof=1))
+    for _ in range(n_boot):
+        yield _resampled_counts(n_real, rng), _resampled_counts(n_gen, rng)
 
 
-def _w1_error(real: np.ndarray, gen: np.ndarray, n_boot: int, seed: int) -> float:
-    """Bootstrap std of the 1-D Wasserstein-1 distance, with the resamplings of :func:`_bootstrap`.
+class _WeightedW1:
+    """W1 between two fixed samples (N, F), (M, F), column by column, under changing event weights.
 
     Hand-written for speed: a resampling only changes the multiplicity of each event, so both
     samples are sorted together once and each resampling is one cumulative sum of weights:
     W1 = sum_i |F_real(x_i) - F_gen(x_i)| (x_(i+1) - x_i) over the merged sorted values
-    (the formula scipy.stats.wasserstein_distance evaluates; tested equal to it with weights).
+    (the formula scipy.stats.wasserstein_distance evaluates; tested equal to it, weights and ties included).
     """
-    if n_boot < 2:
-        return 0.0
-    rng = np.random.default_rng(seed)
-    draws = []
-    w1 = _WeightedW1(real, gen)
-    for _ in range(n_boot):
-        draws.append(w1(_resampled_counts(len(real), rng), _resampled_counts(len(gen), rng)))
-    return float(np.std(draws, ddof=1))
-
-
-class _WeightedW1:
-    """W1 between two fixed 1-D samples under changing event weights (see :func:`_w1_error`)."""
 
     def __init__(self, real: np.ndarray, gen: np.ndarray) -> None:
+        real, gen = np.asarray(real, np.float64), np.asarray(gen, np.float64)
+        self.one = real.ndim == 1
+        real, gen = (real[:, None], gen[:, None]) if self.one else (real, gen)
         values = np.concatenate([real, gen])
-        self.order = np.argsort(values, kind="stable")
-        self.deltas = np.diff(values[self.order])
-        self.n_real = len(real)
+        self.order = np.argsort(values, axis=0, kind="stable")
+        self.deltas = np.diff(np.take_along_axis(values, self.order, axis=0), axis=0)
 
-    def __call__(self, w_real: np.ndarray, w_gen: np.ndarray) -> float:
+    def __call__(self, w_real: np.ndarray, w_gen: np.ndarray) -> Any:
         w = np.concatenate([w_real / w_real.sum(), -w_gen / w_gen.sum()])[self.order]
-        return float(np.sum(np.abs(np.cumsum(w)[:-1]) * self.deltas))
+        d = np.sum(np.abs(np.cumsum(w, axis=0)[:-1]) * self.deltas, axis=0)
+        return float(d[0]) if self.one else d
+
+
+def _std(draws: list[np.ndarray], n_feat: int) -> np.ndarray:
+    return np.std(draws, axis=0, ddof=1) if len(draws) > 1 else np.zeros(n_feat)
+
+
+def _out(x: np.ndarray, one: bool) -> Any:
+    return float(x[0]) if one else x
 
 
 @register("separation_power")
 def separation_power(
-    real: np.ndarray, gen: np.ndarray, *, bins: int | Sequence[float] = 50, n_boot: int = 100, seed: int = 0
+    real: np.ndarray, gen: np.ndarray, *, bins: Any = 50, n_boot: int = 100, seed: int = 0
 ) -> Result:
     """Separation power 1/2 sum_i (h1_i - h2_i)^2 / (h1_i + h2_i) of unit-normalised histograms (CaloChallenge).
 
     Args:
-        real, gen: (N,) and (M,) values of one feature.
-        bins: number of bins with equal real-sample population (edges at real quantiles), or explicit edges.
-            Under- and overflow bins are always added.
-        n_boot: bootstrap resamplings for the error (binning held fixed).
+        real, gen: (N,) and (M,) values of one feature, or (N, F) and (M, F): every column at once.
+        bins: number of bins with equal real-sample population (edges at real quantiles), explicit
+            edges, or (for (N, F) input) a sequence of F edge sequences. Under- and overflow bins are
+            always added.
+        n_boot: bootstrap resamplings of the events for the error (binning held fixed).
     Returns:
-        (value in [0, 1]: 0 identical, 1 disjoint; bootstrap std).
+        (value in [0, 1]: 0 identical, 1 disjoint; bootstrap std): floats, or (F,) arrays for (N, F) input.
     """
-    real, gen = _as_1d(real, "real"), _as_1d(gen, "generated")
-    _warn_small("separation_power", len(real), len(gen), MIN_EVENTS_1D)
-    edges = _quantile_edges(real, bins)
-    value = _separation(real, gen, edges)
-    return value, _separation_error(real, gen, edges, n_boot, seed)
+    r, g, one = _as_columns(real, gen)
+    _warn_small("separation_power", len(r), len(g), MIN_EVENTS_1D)
+    hist = _Histograms(r, g, _column_edges(r, bins))
+    value = hist.separation(hist.counts(hist.ir), hist.counts(hist.ig))
+    draws = [hist.separation(hist.counts(hist.ir, wr), hist.counts(hist.ig, wg))
+             for wr, wg in _draws(len(r), len(g), n_boot if n_boot >= 2 else 0, seed)]  # fmt: skip
+    return _out(value, one), _out(_std(draws, hist.n_feat), one)
+
+
+def _run_ends(x: np.ndarray) -> np.ndarray:
+    """For sorted ``x``: ``searchsorted(x, x, side="right")``, in one pass."""
+    ends = np.flatnonzero(np.r_[x[1:] != x[:-1], True]) + 1  # end of each run of equal values
+    return np.repeat(ends, np.diff(np.r_[0, ends]))
+
+
+def _ks_asymptotic(r: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided two-sample KS statistic and asymptotic p-value per column of (N, F), (M, F).
+
+    The computation of scipy.stats.ks_2samp(method="asymp") (the CDFs by searchsorted over the
+    pooled values, ties included, p = kstwo.sf(D, round(N M / (N + M)))), with each sample sorted
+    once for all columns and one vectorised p-value call; tested equal to scipy column by column.
+    """
+    rs, gs = np.sort(r, axis=0), np.sort(g, axis=0)
+    n1, n2 = len(rs), len(gs)
+    d = np.empty(r.shape[1])
+    for j in range(r.shape[1]):
+        a, b = rs[:, j], gs[:, j]
+        # the CDFs at every pooled value, as searchsorted(side="right") would give them; a sample's
+        # CDF at its own sorted values is the end of each run of equal values (no search needed)
+        diff = np.concatenate([_run_ends(a) / n1 - np.searchsorted(b, a, side="right") / n2,
+                               np.searchsorted(a, b, side="right") / n1 - _run_ends(b) / n2])  # fmt: skip
+        lo, hi = np.clip(-diff.min(), 0.0, 1.0), diff.max()
+        d[j] = lo if lo > hi else hi
+    m, n = sorted([float(n1), float(n2)], reverse=True)
+    p = np.clip(stats.distributions.kstwo.sf(d, np.round(m * n / (m + n))), 0.0, 1.0)
+    return d, p
 
 
 @register("ks")
@@ -289,44 +360,51 @@ def ks(real: np.ndarray, gen: np.ndarray, *, n_boot: int = 100, seed: int = 0, m
     """Two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp).
 
     Args:
-        real, gen: (N,) and (M,) values of one feature.
+        real, gen: (N,) and (M,) values of one feature, or (N, F) and (M, F): every column at once.
         method: scipy's p-value method ("auto": exact below 10000 events per sample, else "asymp").
+            "asymp" on (N, F) input runs vectorised (same numbers as scipy).
     Returns:
         ({"statistic", "pvalue"} as from scipy; bootstrap std of each, where the resamples use the
-        asymptotic p-value for speed; zeros for n_boot < 2).
+        asymptotic p-value for speed; zeros for n_boot < 2). Floats, or (F,) arrays for (N, F) input.
     """
-    real, gen = _as_1d(real, "real"), _as_1d(gen, "generated")
-    _warn_small("ks", len(real), len(gen), MIN_EVENTS_1D)
-    res = stats.ks_2samp(real, gen, method=method)
-    if n_boot < 2:
-        return ({"statistic": float(res.statistic), "pvalue": float(res.pvalue)}, {"statistic": 0.0, "pvalue": 0.0})
-    err = _bootstrap(
-        lambda r, g: np.array(stats.ks_2samp(r, g, method="asymp")[:2], dtype=np.float64), real, gen, n_boot, seed
-    )
-    return (
-        {"statistic": float(res.statistic), "pvalue": float(res.pvalue)},
-        {"statistic": float(err[0]), "pvalue": float(err[1])},
-    )
+    r, g, one = _as_columns(real, gen)
+    _warn_small("ks", len(r), len(g), MIN_EVENTS_1D)
+    if method == "asymp" and n_boot < 2:
+        d, p = _ks_asymptotic(r, g)
+        return ({"statistic": _out(d, one), "pvalue": _out(p, one)},
+                {"statistic": _out(np.zeros_like(d), one), "pvalue": _out(np.zeros_like(p), one)})  # fmt: skip
+    values, errors = [], []
+    for j in range(r.shape[1]):
+        res = stats.ks_2samp(r[:, j], g[:, j], method=method)
+        values.append((float(res.statistic), float(res.pvalue)))
+        errors.append(_bootstrap(lambda a, b: np.array(stats.ks_2samp(a, b, method="asymp")[:2], dtype=np.float64),
+                                 r[:, j], g[:, j], n_boot, seed) if n_boot >= 2 else np.zeros(2))  # fmt: skip
+    v, e = np.array(values), np.array(errors)
+    return ({"statistic": _out(v[:, 0], one), "pvalue": _out(v[:, 1], one)},
+            {"statistic": _out(e[:, 0], one), "pvalue": _out(e[:, 1], one)})  # fmt: skip
 
 
 @register("wasserstein_scaled")
 def wasserstein_scaled(real: np.ndarray, gen: np.ndarray, *, n_boot: int = 100, seed: int = 0) -> Result:
-    """1-D Wasserstein-1 distance (scipy.stats.wasserstein_distance) divided by the real sample's std.
+    """1-D Wasserstein-1 distance (as scipy.stats.wasserstein_distance) divided by the real sample's std.
 
     Args:
-        real, gen: (N,) and (M,) values of one feature.
+        real, gen: (N,) and (M,) values of one feature, or (N, F) and (M, F): every column at once.
     Returns:
-        (distance in units of the real std, dimensionless; bootstrap std). A constant real sample
-        is not scaled (and logged).
+        (distance in units of the real std, dimensionless; bootstrap std of the events' resamplings):
+        floats, or (F,) arrays for (N, F) input. A constant real column is not scaled (and logged).
     """
-    real, gen = _as_1d(real, "real"), _as_1d(gen, "generated")
-    _warn_small("wasserstein_scaled", len(real), len(gen), MIN_EVENTS_1D)
-    scale = float(np.std(real))
-    if scale == 0:
-        log.warning("wasserstein_scaled: the real sample is constant; returning the unscaled distance")
-        scale = 1.0
-    value = stats.wasserstein_distance(real, gen) / scale
-    return float(value), _w1_error(real, gen, n_boot, seed) / scale
+    r, g, one = _as_columns(real, gen)
+    _warn_small("wasserstein_scaled", len(r), len(g), MIN_EVENTS_1D)
+    scale = r.std(axis=0)
+    if np.any(scale == 0):
+        log.warning("wasserstein_scaled: the real sample is constant in %d column(s); those are not scaled",
+                    int(np.sum(scale == 0)))  # fmt: skip
+        scale = np.where(scale > 0, scale, 1.0)
+    w1 = _WeightedW1(r, g)
+    value = w1(np.ones(len(r)), np.ones(len(g)))
+    draws = [w1(wr, wg) for wr, wg in _draws(len(r), len(g), n_boot if n_boot >= 2 else 0, seed)]
+    return _out(value / scale, one), _out(_std(draws, r.shape[1]) / scale, one)
 
 
 def _response_values(real: np.ndarray, gen: np.ndarray) -> np.ndarray:
@@ -433,17 +511,27 @@ def fpd(
     return float(fit.intercept), float(fit.intercept_stderr)
 
 
-def _mmd2_poly_unbiased(x: np.ndarray, y: np.ndarray, block: int = 1024) -> float:
-    # Hand-written unbiased MMD^2 estimator (no library has it); the kernel itself is sklearn's
-    # polynomial_kernel with gamma = 1/d, coef0 = 1, degree 4. Summed in row blocks so memory stays
-    # at block x n instead of n x n.
+def _mmd2_poly_unbiased(x: np.ndarray, y: np.ndarray, block: int = 256) -> float:
+    # Hand-written unbiased MMD^2 estimator (no library has it) with the kernel of sklearn's
+    # polynomial_kernel (gamma = 1/d, coef0 = 1, degree 4), also written out: sklearn raises the
+    # kernel matrix to the 4th power with a float exponent, which took 90% of the time; two
+    # in-place squarings are 10x faster (same values up to rounding, tested against sklearn).
+    # Summed in row blocks so memory stays at block x n instead of n x n.
     d = x.shape[1]
 
+    def kernel_sum(a: np.ndarray, b: np.ndarray) -> float:
+        k = a @ b.T
+        k *= 1.0 / d
+        k += 1.0
+        np.square(k, out=k)
+        np.square(k, out=k)
+        return float(k.sum())
+
     def ksum(a: np.ndarray, b: np.ndarray) -> float:
-        return sum(
-            float(polynomial_kernel(a[i : i + block], b, degree=4, gamma=1.0 / d, coef0=1.0).sum())
-            for i in range(0, len(a), block)
-        )
+        if a is b:  # symmetric: each block of rows against itself and the rows after it, those twice
+            blocks = [(a[i : i + block], a[i + block :]) for i in range(0, len(a), block)]
+            return sum(kernel_sum(rows, rows) + 2.0 * kernel_sum(rows, rest) for rows, rest in blocks)
+        return sum(kernel_sum(a[i : i + block], b) for i in range(0, len(a), block))
 
     def kdiag(a: np.ndarray) -> float:
         return float(np.sum((np.einsum("ij,ij->i", a, a) / d + 1.0) ** 4))
@@ -534,13 +622,35 @@ def classifier_auc(
     clf.fit(x_tr, y_tr)
     p = clf.predict_proba(x_te)[:, 1]
     auc = roc_auc_score(y_te, p)
+    auc_of = _WeightedAUC(y_te, p)
     boot = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(y_te), len(y_te))
-        if 0 < y_te[idx].sum() < len(idx):  # both classes needed for an AUC
-            boot.append(roc_auc_score(y_te[idx], p[idx]))
+        w = _resampled_counts(len(y_te), rng)
+        if 0 < w[y_te == 1].sum() < len(y_te):  # both classes needed for an AUC
+            boot.append(auc_of(w))
     err = float(np.std(boot, ddof=1)) if len(boot) > 1 else 0.0
     return float(auc), err
+
+
+class _WeightedAUC:
+    """ROC AUC of fixed scores under changing event weights (bootstrap multiplicities).
+
+    Hand-written for speed (sklearn's roc_auc_score takes no weights shortcut and costs ms of
+    checks per call): AUC = sum over positives of w (W_neg below + W_neg tied / 2) / (W_pos W_neg),
+    the Mann-Whitney form, over the distinct scores found once. Tested equal to roc_auc_score on
+    the resampled events.
+    """
+
+    def __init__(self, y: np.ndarray, score: np.ndarray) -> None:
+        self.levels, self.group = np.unique(score, return_inverse=True)
+        self.pos = np.asarray(y) == 1
+
+    def __call__(self, w: np.ndarray) -> float:
+        k = len(self.levels)
+        wp = np.bincount(self.group[self.pos], weights=w[self.pos], minlength=k)
+        wn = np.bincount(self.group[~self.pos], weights=w[~self.pos], minlength=k)
+        below = np.cumsum(wn) - wn
+        return float(np.sum(wp * (below + 0.5 * wn)) / (wp.sum() * wn.sum()))
 
 
 # ----------------------------------------------------------------------------- mode coverage
@@ -623,13 +733,32 @@ def cluster_occupancy(
     return _occupancy_result(real_counts, gen_counts, "cluster_occupancy")
 
 
+#: k-NN radii by sample content (see :func:`_knn_radius`); a few entries, oldest dropped first.
+_RADII: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def _knn_radius(x: np.ndarray, k: int) -> np.ndarray:
+    """(N,) distance of each row of ``x`` to its k-th nearest neighbour in ``x`` (sklearn NearestNeighbors;
+    the query point itself is the 0th neighbour).
+
+    Remembered by content (a hash of the array): the validate stage compares one real sample with
+    both the other real half and the generated sample, at the same sizes and seeds, so the real
+    radii (a third of the PRDC time) are found once. The result depends only on ``x`` and ``k``.
+    """
+    key = (hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest(), x.shape, x.dtype.str, k)
+    if key not in _RADII:
+        if len(_RADII) >= 16:
+            del _RADII[next(iter(_RADII))]
+        _RADII[key] = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]
+    return _RADII[key]
+
+
 def _prdc_values(real: np.ndarray, gen: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
     # Naeem et al. 2020 (arXiv:2002.09797); written here because scikit-learn has no PRDC. Radii are
     # distances to the k-th nearest neighbour within the same sample (sklearn NearestNeighbors; the
     # query point itself is the 0th neighbour). The real x generated distance matrix is walked in
     # blocks of generated rows so memory stays at block x N.
-    r_real = NearestNeighbors(n_neighbors=k + 1).fit(real).kneighbors(real)[0][:, k]
-    r_gen = NearestNeighbors(n_neighbors=k + 1).fit(gen).kneighbors(gen)[0][:, k]
+    r_real, r_gen = _knn_radius(real, k), _knn_radius(gen, k)
     precise = np.zeros(len(gen), dtype=bool)
     density_hits = np.zeros(len(gen))
     recalled = np.zeros(len(real), dtype=bool)

@@ -1,7 +1,8 @@
 """Validation plots (matplotlib, Agg backend): every function writes one PNG atomically and returns its path.
 
 Inputs are the in-memory samples of :mod:`surrogate.validate` (feature matrices (N, F) with
-their column names, energies in MeV) and the ``info`` dict its ``evaluate`` returns.
+their column names, energies in MeV) and the ``info`` dict its ``evaluate`` returns; the stage
+draws them in a separate process while its tests run.
 """
 
 from __future__ import annotations
@@ -16,22 +17,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
-from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator  # noqa: E402
 
 from surrogate.io import atomic_path  # noqa: E402
 
-__all__ = ["feature_histograms", "histogram_sample", "response_plot", "mode_plot", "layer_plot", "training_curves",
-           "make_all"]
+__all__ = ["feature_histograms", "response_plot", "mode_plot", "layer_plot", "training_curves", "ready"]
 
 log = logging.getLogger(__name__)
 
 REAL, GEN = "#333333", "#d62728"
+#: Tick labels as plain numbers ("100", "0.01"): matplotlib's default log labels are typeset as math, slowly.
+_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, close: bool = True) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    if close:
+        plt.close(fig)
     return path
 
 
@@ -59,6 +62,78 @@ def _feature_edges(r: np.ndarray, g: np.ndarray, bins: int) -> tuple[np.ndarray,
     return np.linspace(lo, hi, bins + 1), False
 
 
+class _HistogramCell:
+    """One feature's panel: unit-area histograms of both samples above a gen/real ratio panel.
+
+    Built once and refilled for every page (:meth:`show`): creating axes and their tick objects was
+    two thirds of a page's drawing time, for the 100+ axes of the feature pages. Few ticks and
+    texts for the same reason: the histogram has no x ticks (the ratio panel below carries them;
+    no shared axis, whose locator would be shared too), a text instead of a title, plain log tick
+    labels (the default ones are typeset as math), no log minor ticks.
+    """
+
+    def __init__(self, fig: Any, spec: Any, legend: bool, ylabel: bool) -> None:
+        cell = spec.subgridspec(2, 1, height_ratios=[3, 1], hspace=0.06)
+        self.ax, self.rax = fig.add_subplot(cell[0]), fig.add_subplot(cell[1])
+        ax, rax = self.ax, self.rax
+        self.real = ax.stairs([0.0], [0.0, 1.0], color=REAL, label="real", lw=1.2)
+        self.gen = ax.stairs([0.0], [0.0, 1.0], color=GEN, label="generated", lw=1.2)
+        self.title = ax.text(0.5, 1.02, "", transform=ax.transAxes, ha="center", va="bottom", fontsize=9)
+        self.note = ax.text(0.02, 0.97, "", transform=ax.transAxes, fontsize=6, va="top")
+        self.bars = rax.vlines([], [], [], color=GEN, lw=0.7)
+        (self.points,) = rax.plot([], [], ".", ms=3, color=GEN)
+        rax.axhline(1.0, color=REAL, lw=0.7)
+        ax.tick_params(labelsize=7)
+        ax.set_xticks([])
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+        if legend:
+            ax.legend(fontsize=7, loc="upper right")
+        rax.set_ylim(0.5, 1.5)
+        rax.set_yticks([0.5, 1.0, 1.5])
+        rax.tick_params(labelsize=7)
+        if ylabel:
+            rax.set_ylabel("gen/real", fontsize=7)
+
+    def show(self, name: str, r: np.ndarray, g: np.ndarray, bins: int) -> None:
+        edges, logx = _feature_edges(r, g, bins)
+        rr, gg = (r[r > 0], g[g > 0]) if logx else (r, g)
+        hr, _ = np.histogram(np.clip(rr, edges[0], edges[-1]), edges)
+        hg, _ = np.histogram(np.clip(gg, edges[0], edges[-1]), edges)
+        width = np.diff(np.log10(edges) if logx else edges)
+        dr, dg = hr / max(hr.sum(), 1) / width, hg / max(hg.sum(), 1) / width
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(hr > 0, dg / dr, np.nan)
+            err = ratio * np.sqrt(1 / np.maximum(hr, 1) + 1 / np.maximum(hg, 1))
+        centres = np.sqrt(edges[1:] * edges[:-1]) if logx else 0.5 * (edges[1:] + edges[:-1])
+        self.real.set_data(dr, edges)
+        self.gen.set_data(dg, edges)
+        self.title.set_text(name + _unit(name))
+        zr, zg = np.mean(r <= 0), np.mean(g <= 0)
+        self.note.set_text(f"zero: real {zr:.1%}, gen {zg:.1%}" if logx and (zr > 0 or zg > 0) else "")
+        lo, hi = np.clip(ratio - err, 0.5, 1.5), np.clip(ratio + err, 0.5, 1.5)
+        self.bars.set_segments(np.stack([np.column_stack([centres, lo]), np.column_stack([centres, hi])], axis=1))
+        self.points.set_data(centres, np.clip(ratio, 0.52, 1.48))
+        for a in (self.ax, self.rax):
+            a.set_visible(True)
+            a.set_xscale("log" if logx else "linear")
+            a.set_xlim(edges[0], edges[-1])
+        self.ax.set_xticks([])
+        self.ax.set_xticks([], minor=True)
+        self.ax.set_ylim(0, 1.25 * max(dr.max(), dg.max(), 1e-12))
+        self.ax.yaxis.set_major_locator(MaxNLocator(3))
+        self.ax.set_ylabel("density per decade" if logx else "density", fontsize=7)
+        if logx:
+            self.rax.xaxis.set_major_locator(LogLocator(numticks=4))
+            self.rax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            self.rax.xaxis.set_minor_locator(NullLocator())
+        else:
+            self.rax.xaxis.set_major_locator(MaxNLocator(4))
+
+    def hide(self) -> None:
+        self.ax.set_visible(False)
+        self.rax.set_visible(False)
+
+
 def feature_histograms(
     out_dir: Path, real: np.ndarray, gen: np.ndarray, names: list[str], bins: int, per_page: int = 16
 ) -> list[Path]:
@@ -69,59 +144,30 @@ def feature_histograms(
     events at zero is written in the panel.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    ncol = 4
+    figures: dict[int, tuple[Any, list[_HistogramCell]]] = {}  # one figure per row count, refilled page by page
     paths = []
-    for page, start in enumerate(range(0, len(names), per_page)):
-        cols = names[start : start + per_page]
-        ncol = 4
-        nrow = -(-len(cols) // ncol)
-        fig = plt.figure(figsize=(4.2 * ncol, 3.4 * nrow))
-        outer = fig.add_gridspec(nrow, ncol, hspace=0.3, wspace=0.28)
-        for i, name in enumerate(cols):
-            j = names.index(name)
-            r, g = real[:, j], gen[:, j]
-            edges, logx = _feature_edges(r, g, bins)
-            rr, gg = (r[r > 0], g[g > 0]) if logx else (r, g)
-            hr, _ = np.histogram(np.clip(rr, edges[0], edges[-1]), edges)
-            hg, _ = np.histogram(np.clip(gg, edges[0], edges[-1]), edges)
-            width = np.diff(np.log10(edges) if logx else edges)
-            dr, dg = hr / max(hr.sum(), 1) / width, hg / max(hg.sum(), 1) / width
-            cell = outer[i // ncol, i % ncol].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.06)
-            ax = fig.add_subplot(cell[0])
-            ax.stairs(dr, edges, color=REAL, label="real", lw=1.2)
-            ax.stairs(dg, edges, color=GEN, label="generated", lw=1.2)
-            # a text instead of set_title, few ticks, no log minor ticks: matplotlib's tick and title
-            # layout dominated the stage's plotting time with 100+ axes
-            ax.text(0.5, 1.02, name + _unit(name), transform=ax.transAxes, ha="center", va="bottom", fontsize=9)
-            ax.tick_params(labelsize=7, labelbottom=False)
-            ax.set_ylim(0, 1.25 * max(dr.max(), dg.max(), 1e-12))
-            if logx:
-                ax.set_xscale("log")
-                ax.xaxis.set_major_locator(LogLocator(numticks=5))
-                ax.xaxis.set_minor_locator(NullLocator())
-                zr, zg = np.mean(r <= 0), np.mean(g <= 0)
-                if zr > 0 or zg > 0:
-                    ax.text(0.02, 0.97, f"zero: real {zr:.1%}, gen {zg:.1%}", transform=ax.transAxes, fontsize=6,
-                            va="top")  # fmt: skip
-            else:
-                ax.xaxis.set_major_locator(MaxNLocator(5))
-            ax.yaxis.set_major_locator(MaxNLocator(4))
-            if i == 0:
-                ax.legend(fontsize=7, loc="upper right")
-            rax = fig.add_subplot(cell[1], sharex=ax)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(hr > 0, dg / dr, np.nan)
-                err = ratio * np.sqrt(1 / np.maximum(hr, 1) + 1 / np.maximum(hg, 1))
-            centres = np.sqrt(edges[1:] * edges[:-1]) if logx else 0.5 * (edges[1:] + edges[:-1])
-            rax.errorbar(centres, np.clip(ratio, 0.52, 1.48), yerr=err, fmt=".", ms=3, color=GEN, lw=0.7)
-            rax.axhline(1.0, color=REAL, lw=0.7)
-            rax.set_ylim(0.5, 1.5)
-            rax.set_yticks([0.5, 1.0, 1.5])
-            rax.tick_params(labelsize=7)
-            ax.set_ylabel("density per decade" if logx else "density", fontsize=7)
-            if i % ncol == 0:
-                rax.set_ylabel("gen/real", fontsize=7)
-        fig.subplots_adjust(left=0.05, right=0.98, top=0.96, bottom=0.05)
-        paths.append(_save(fig, out_dir / f"features_{page:02d}.png"))
+    try:
+        for page, start in enumerate(range(0, len(names), per_page)):
+            cols = names[start : start + per_page]
+            nrow = -(-len(cols) // ncol)
+            if nrow not in figures:
+                fig = plt.figure(figsize=(4.2 * ncol, 3.4 * nrow))
+                outer = fig.add_gridspec(nrow, ncol, hspace=0.3, wspace=0.28)
+                figures[nrow] = fig, [_HistogramCell(fig, outer[i // ncol, i % ncol], i == 0, i % ncol == 0)
+                                      for i in range(nrow * ncol)]  # fmt: skip
+                fig.subplots_adjust(left=0.05, right=0.98, top=0.96, bottom=0.05)
+            fig, cells = figures[nrow]
+            for i, cell in enumerate(cells):
+                if i < len(cols):
+                    j = names.index(cols[i])
+                    cell.show(cols[i], real[:, j], gen[:, j], bins)
+                else:
+                    cell.hide()
+            paths.append(_save(fig, out_dir / f"features_{page:02d}.png", close=False))
+    finally:
+        for fig, _ in figures.values():
+            plt.close(fig)
     return paths
 
 
@@ -143,7 +189,9 @@ def response_plot(out_dir: Path, response: dict[str, Any]) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("incident energy (median of bin) [GeV]")
         ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.xaxis.set_major_formatter(_PLAIN)
+    # fixed margins, not tight_layout(), which lays every text out once more (a third of a small figure's time)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.96, wspace=0.25)
     return _save(fig, out_dir / "response.png")
 
 
@@ -173,7 +221,7 @@ def mode_plot(out_dir: Path, modes: dict[str, Any], energy_labels: list[str], et
     axes[1].set_xlabel("|eta| bin")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="solid: real, dashed: generated",
                    title_fontsize=7)  # fmt: skip
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.78, bottom=0.13, top=0.96, wspace=0.22)
     return _save(fig, out_dir / "modes.png")
 
 
@@ -190,7 +238,7 @@ def layer_plot(out_dir: Path, real: Any, gen: Any, names: list[str]) -> Path:
         stats = []
         for s in (real, gen):
             sel = s.pdg == pdg
-            frac = s.features[sel][:, idx] / s.energy[sel, None]
+            frac = s.features[:, idx][sel] / s.energy[sel, None]
             stats.append((frac.mean(0), frac.std(0) / np.sqrt(max(sel.sum(), 1))))
         (mr, er), (mg, eg) = stats
         mark, colour = "os^v"[k % 4], f"C{k}"
@@ -201,6 +249,7 @@ def layer_plot(out_dir: Path, real: Any, gen: Any, names: list[str]) -> Path:
             err = ratio * np.hypot(er / mr, eg / mg)
         rax.errorbar(x + 0.1 * (2 * k - 1), ratio, yerr=err, fmt=mark, color=colour, ms=4)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PLAIN)
     ax.set_ylabel("mean E_layer / E_inc")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("mean shower per layer (open: real, filled: generated)", fontsize=10)
@@ -209,7 +258,7 @@ def layer_plot(out_dir: Path, real: Any, gen: Any, names: list[str]) -> Path:
     rax.set_ylabel("gen/real")
     rax.set_xticks(x, [c.removeprefix("E_layer_") for c in cols])
     rax.set_xlabel("layer id")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.94, hspace=0.08)
     return _save(fig, out_dir / "mean_shower_per_layer.png")
 
 
@@ -232,40 +281,11 @@ def training_curves(out_dir: Path, history: str | Path) -> Path | None:
         ax.plot(*zip(*pts, strict=True), "o-", lw=0.8, ms=2)  # markers: a short run may log a single point
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    fig.tight_layout()
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14 / nrow, top=1 - 0.08 / nrow, wspace=0.3, hspace=0.45)
     return _save(fig, out_dir / "training_curves.png")
 
 
-def histogram_sample(gen_features: np.ndarray, max_hist_events: int) -> np.ndarray:
-    """Every ``k``-th generated event, at most ``max_hist_events``, for the feature histograms: binning
-    and histogramming 1M events per feature cost more than drawing the page, for no visible gain."""
-    return gen_features[:: max(1, -(-len(gen_features) // max_hist_events))]
-
-
-def make_all(out_dir: Path, real: Any, gen: Any, info: dict[str, Any], binning: Any, bins: int,
-             history: str | Path | None, max_hist_events: int = 100_000,
-             histograms: list[Path] | None = None) -> list[Path]:  # fmt: skip
-    """All validation plots; returns the written paths.
-
-    ``histograms``: the pages of :func:`feature_histograms` when the caller drew them already (the
-    validate stage does, in its second process); otherwise they are drawn here.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if histograms is None:
-        histograms = feature_histograms(out_dir, real.features, histogram_sample(gen.features, max_hist_events),
-                                        real.names, bins)  # fmt: skip
-    paths = list(histograms)
-    if info["response"]:
-        paths.append(response_plot(out_dir, info["response"]))
-    e = [0.0, *(binning.energy_edges_mev / 1000.0), np.inf]
-    h = [0.0, *binning.eta_edges, np.inf]
-    p = mode_plot(out_dir, info["modes"], [f"{e[i]:g}-{e[i + 1]:g} GeV" for i in range(len(e) - 1)],
-                  [f"{h[i]:g}-{h[i + 1]:g}" for i in range(len(h) - 1)])  # fmt: skip
-    if p is not None:
-        paths.append(p)
-    paths.append(layer_plot(out_dir, real, gen, real.names))
-    if history is not None:
-        p = training_curves(out_dir, history)
-        if p is not None:
-            paths.append(p)
-    return paths
+def ready() -> None:
+    """No-op: a process calls it to import this module (and matplotlib) before the real work arrives."""

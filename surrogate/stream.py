@@ -1,7 +1,13 @@
-"""Streaming a generated file into features for the validate stage, here or in worker processes.
+"""Streaming a generated file for the validate stage, here or in worker processes.
 
-The generated showers are read in HDF5-chunk-aligned blocks; of each block only the condition-
-matched rows become features, and the rows of a small voxel subsample are kept as they are.
+The generated showers are read in HDF5-chunk-aligned blocks. Every row of every block is checked
+(finite, non-negative energies); every condition-matched row gives its deposited energy E_dep
+(for the response test, which uses all of them); the rows of the feature subsample (a random,
+condition-matched subset: the distribution tests' power is set by the real sample, see
+``validate.subsample.gen_test_ratio``) become high-level features; the rows of a smaller voxel
+subsample are kept as they are. Features cost 4 us per event and reading 8 us; checking and
+summing every row 0.7 us.
+
 :func:`plan` cuts the file into :class:`Task` s of consecutive blocks; :func:`run_task` does one
 task and returns its slice of the outputs, so the tasks can run in this process or, as
 :func:`surrogate.validate.run` does with ``validate.threads > 1``, in worker processes.
@@ -24,10 +30,10 @@ import h5py
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from surrogate.features import FeaturesError, compute_features
+from surrogate.features import FeaturesError, check_showers, compute_features
 from surrogate.geometry import Geometry
 
-__all__ = ["Task", "TaskResult", "plan", "features", "run_task", "warm_up", "init_worker"]
+__all__ = ["Task", "TaskResult", "plan", "features", "run_task"]
 
 # Rows per compute_features call: its (rows, V) float64 copy then stays in the L2 cache. Measured on
 # this project's machines (one thread, 533 voxels): 512 rows 2.2 s per 1M events, 1024 rows 2.1-2.3 s,
@@ -39,15 +45,17 @@ FEATURE_ROWS = 1024
 class Task:
     """Blocks ``[lo, hi)`` of consecutive file rows, with the matched rows inside them.
 
-    ``rows``: sorted file rows to turn into features, which are positions ``first ..
+    ``rows``: sorted matched file rows in the blocks, which are positions ``first ..
     first + len(rows) - 1`` of the matched sample; ``energy``: their incident energies (MeV);
-    ``vox``: positions (into the matched sample, sorted) whose voxels are kept.
+    ``feat`` and ``vox``: positions (into the matched sample, sorted) whose features are computed
+    and whose voxels are kept.
     """
 
     blocks: tuple[tuple[int, int], ...]
     rows: np.ndarray
     first: int
     energy: np.ndarray
+    feat: np.ndarray
     vox: np.ndarray
 
     @property
@@ -57,7 +65,8 @@ class Task:
 
 @dataclass
 class TaskResult:
-    features: np.ndarray  # (len(task.rows), F) float64
+    e_dep: np.ndarray  # (len(task.rows),) float64 MeV
+    features: np.ndarray  # (len(task.feat), F) float64
     voxels: np.ndarray  # (len(task.vox), V) float32
     read_seconds: float
     feature_seconds: float
@@ -79,61 +88,63 @@ def features(showers: np.ndarray, energy: np.ndarray, geometry: Geometry, names:
 
 
 def plan(
-    n: int, step: int, rows: np.ndarray, energy: np.ndarray, vox_pos: np.ndarray, task_blocks: int
-) -> list[Task]:
+    n: int, step: int, rows: np.ndarray, energy: np.ndarray, feat_pos: np.ndarray, vox_pos: np.ndarray,
+    task_blocks: int,
+) -> list[Task]:  # fmt: skip
     """Tasks of ``task_blocks`` blocks of ``step`` rows each over a file of ``n`` rows.
 
     ``rows``: sorted matched file rows; ``energy``: the file's incident energies (all rows);
-    ``vox_pos``: sorted positions into ``rows`` of the voxel subsample.
+    ``feat_pos``, ``vox_pos``: sorted positions into ``rows`` of the feature and voxel subsamples.
     """
     tasks = []
     span = step * max(1, task_blocks)
     for lo in range(0, n, span):
         hi = min(n, lo + span)
         a, b = (int(i) for i in np.searchsorted(rows, [lo, hi]))
+        fa, fb = np.searchsorted(feat_pos, [a, b])
         va, vb = np.searchsorted(vox_pos, [a, b])
         blocks = tuple((s, min(hi, s + step)) for s in range(lo, hi, step))
-        tasks.append(Task(blocks, rows[a:b], a, energy[rows[a:b]], vox_pos[va:vb]))
+        tasks.append(Task(blocks, rows[a:b], a, energy[rows[a:b]], feat_pos[fa:fb], vox_pos[va:vb]))
     return tasks
 
 
 def run_task(path: str | Path, geometry: Geometry | dict[str, Any], names: list[str], task: Task) -> TaskResult:
-    """Read the task's blocks of ``showers`` and return its features and kept voxels.
+    """Read the task's blocks of ``showers``; return the matched rows' E_dep, the feature rows'
+    features and the voxel rows' showers.
 
-    Bad shower values raise :class:`FeaturesError` naming the file and its rows (picklable, so a
-    worker process reports it as it is).
+    Bad shower values, in any row of a block, raise :class:`FeaturesError` naming the file and
+    the block's rows (picklable, so a worker process reports it as it is).
     """
     if isinstance(geometry, dict):
         geometry = Geometry.from_dict(geometry)
-    feats = np.empty((len(task.rows), len(names)), dtype=np.float64)
+    e_dep = np.empty(len(task.rows), dtype=np.float64)
+    feats = np.empty((len(task.feat), len(names)), dtype=np.float64)
     voxels = np.empty((len(task.vox), geometry.n_voxels), dtype=np.float32)
     t_read = t_feat = 0.0
     with h5py.File(path, "r") as f:
         showers = f["showers"]
+        # one buffer for every block: 7% less time than a new array per block (no fresh pages to fault in)
+        buffer = np.empty((max(hi - lo for lo, hi in task.blocks), showers.shape[1]), dtype=showers.dtype)
         for lo, hi in task.blocks:
-            a, b = np.searchsorted(task.rows, [lo, hi])
-            if b == a:
-                continue
             t0 = time.perf_counter()
-            block = showers[lo:hi]
+            block = buffer[: hi - lo]
+            showers.read_direct(block, np.s_[lo:hi], np.s_[0 : hi - lo])
             t1 = time.perf_counter()
-            local = task.rows[a:b] - lo
-            va, vb = np.searchsorted(task.vox, [task.first + a, task.first + b])
-            voxels[va:vb] = block[task.rows[task.vox[va:vb] - task.first] - lo]
-            sel = block[local] if b - a < hi - lo else block
             try:
-                feats[a:b] = features(sel, task.energy[a:b], geometry, names)
+                sums = check_showers(block)
             except ValueError as exc:
                 raise FeaturesError(f"{path}: 'showers' rows {lo}..{hi - 1}: {exc}") from exc
+            a, b = np.searchsorted(task.rows, [lo, hi])
+            e_dep[a:b] = sums[task.rows[a:b] - lo]
+            for pos, out, fill in ((task.feat, feats, True), (task.vox, voxels, False)):
+                pa, pb = np.searchsorted(pos, [task.first + a, task.first + b])
+                if pb == pa:
+                    continue
+                sel = task.rows[pos[pa:pb] - task.first]  # file rows
+                if fill:
+                    out[pa:pb] = features(block[sel - lo], task.energy[pos[pa:pb] - task.first], geometry, names)
+                else:
+                    out[pa:pb] = block[sel - lo]
             t_read += t1 - t0
             t_feat += time.perf_counter() - t1
-    return TaskResult(feats, voxels, t_read, t_feat)
-
-
-def warm_up() -> None:
-    """No-op task: makes a fresh worker process import this module before the real work arrives."""
-
-
-def init_worker() -> None:
-    """Worker-process initializer: one BLAS/OpenMP thread, since the workers already fill the cores."""
-    threadpool_limits(limits=1)
+    return TaskResult(e_dep, feats, voxels, t_read, t_feat)

@@ -5,6 +5,8 @@ import logging
 import numpy as np
 import pytest
 from scipy import stats
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics.pairwise import polynomial_kernel
 from threadpoolctl import threadpool_limits
 
 from surrogate import metrics as M
@@ -94,7 +96,14 @@ def test_fast_bootstrap_errors_equal_the_resampling_loop():
     # with the same seed they must equal the plain loop over resampled arrays
     a, b = _normal(700, 0, 11), _normal(500, 0, 12) + 0.3
     edges = M._quantile_edges(a, 12)
-    loop = M._bootstrap(lambda r, g: np.array(M._separation(r, g, edges)), a, b, 15, seed=3)[0]
+
+    def plain(r: np.ndarray, g: np.ndarray) -> np.ndarray:  # the CaloChallenge formula on resampled values
+        h1 = np.bincount(M._bin_index(r, edges), minlength=len(edges) + 1) / len(r)
+        h2 = np.bincount(M._bin_index(g, edges), minlength=len(edges) + 1) / len(g)
+        nz = h1 + h2 > 0
+        return np.array(0.5 * np.sum((h1[nz] - h2[nz]) ** 2 / (h1[nz] + h2[nz])))
+
+    loop = M._bootstrap(plain, a, b, 15, seed=3)[0]
     assert M.separation_power(a, b, bins=12, n_boot=15, seed=3)[1] == pytest.approx(loop, rel=1e-12)
     loop = M._bootstrap(lambda r, g: np.array(stats.wasserstein_distance(r, g)), a, b, 15, seed=4)[0]
     assert M.wasserstein_scaled(a, b, n_boot=15, seed=4)[1] * a.std() == pytest.approx(loop, rel=1e-9)
@@ -104,6 +113,36 @@ def test_fast_bootstrap_errors_equal_the_resampling_loop():
     wx, wy = rng.integers(0, 4, len(x)), rng.integers(0, 4, len(y))
     ref = stats.wasserstein_distance(x, y, u_weights=wx, v_weights=wy)
     assert M._WeightedW1(x, y)(wx, wy) == pytest.approx(ref, rel=1e-12)
+
+
+def test_matrix_input_equals_each_column_alone():
+    # (N, F) input runs every column at once; the bootstrap resamples events, shared by the
+    # columns, so each column equals the 1-D call with the same seed
+    rng = np.random.default_rng(40)
+    a = np.column_stack([rng.normal(size=900), rng.exponential(size=900), np.round(rng.normal(size=900), 1)])
+    b = np.column_stack([rng.normal(size=700) + 0.2, rng.exponential(size=700), np.round(rng.normal(size=700), 1)])
+    edges = [M._quantile_edges(a[:, j], 9) for j in range(3)]
+    sep, sep_err = M.separation_power(a, b, bins=edges, n_boot=7, seed=2)
+    w1, w1_err = M.wasserstein_scaled(a, b, n_boot=7, seed=3)
+    for j in range(3):
+        assert (sep[j], sep_err[j]) == pytest.approx(M.separation_power(a[:, j], b[:, j], bins=edges[j], n_boot=7,
+                                                                         seed=2), rel=1e-12)  # fmt: skip
+        assert (w1[j], w1_err[j]) == pytest.approx(M.wasserstein_scaled(a[:, j], b[:, j], n_boot=7, seed=3),
+                                                   rel=1e-12)  # fmt: skip
+        assert w1[j] * a[:, j].std() == pytest.approx(stats.wasserstein_distance(a[:, j], b[:, j]), rel=1e-12)
+    # the vectorised asymptotic KS is scipy's, ties (the rounded column) included
+    value, err = M.ks(a, b, n_boot=0, method="asymp")
+    for j in range(3):
+        ref = stats.ks_2samp(a[:, j], b[:, j], method="asymp")
+        assert value["statistic"][j] == ref.statistic
+        assert value["pvalue"][j] == pytest.approx(ref.pvalue, rel=1e-12, abs=1e-300)
+    assert err["statistic"].tolist() == [0.0, 0.0, 0.0]
+    # the default binning of a matrix is each column's own real quantiles
+    assert M.separation_power(a, b, bins=9, n_boot=0)[0] == pytest.approx(sep, rel=1e-12)
+    with pytest.raises(M.MetricError, match="row 5, feature 1"):
+        bad = a.copy()
+        bad[5, 1] = np.inf
+        M.ks(bad, b)
 
 
 def test_ks_equals_scipy_and_separates():
@@ -182,6 +221,12 @@ def test_kpd_known_answers():
     k = (x @ x.T / 3 + 1) ** 4
     hand = 2 * (k.sum() - np.trace(k)) / (20 * 19) - 2 * k.mean()
     assert M._mmd2_poly_unbiased(x, x, block=7) == pytest.approx(hand)
+    # the written-out kernel is scikit-learn's polynomial kernel
+    y = _normal(15, 3, 13)
+    kxy = polynomial_kernel(x, y, degree=4, gamma=1 / 3, coef0=1)
+    kyy = polynomial_kernel(y, y, degree=4, gamma=1 / 3, coef0=1)
+    ref = 2 * (k.sum() - np.trace(k)) / (20 * 19) / 2 + (kyy.sum() - np.trace(kyy)) / (15 * 14) - 2 * kxy.mean()
+    assert M._mmd2_poly_unbiased(x, y, block=4) == pytest.approx(ref, rel=1e-12)
 
 
 def test_classifier_auc_known_answers():
@@ -190,6 +235,13 @@ def test_classifier_auc_known_answers():
     assert abs(value - 0.5) < 4 * err + 0.03 and err > 0
     shifted, _ = M.classifier_auc(real, gen + 1.5, max_iter=20, n_boot=5)
     assert shifted > 0.75
+    # the bootstrap's weighted AUC is sklearn's AUC of the resampled events, tied scores included
+    rng = np.random.default_rng(41)
+    y, score = rng.integers(0, 2, 400), np.round(rng.normal(size=400), 1)
+    auc_of = M._WeightedAUC(y, score)
+    assert auc_of(np.ones(400)) == pytest.approx(roc_auc_score(y, score), rel=1e-12)
+    idx = rng.integers(0, 400, 400)
+    assert auc_of(np.bincount(idx, minlength=400)) == pytest.approx(roc_auc_score(y[idx], score[idx]), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- mode coverage

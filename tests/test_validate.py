@@ -10,6 +10,8 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +170,9 @@ def test_cli_exit_codes(cfg, dataset, independent, tmp_path: Path, monkeypatch: 
 
 def test_every_registered_metric_is_used() -> None:
     """The stage walks the metrics registry: a metric added there without a test here is caught."""
-    assert set(V.M.METRICS) <= V.USED_METRICS, set(V.M.METRICS) - V.USED_METRICS
+    from surrogate import metrics as M
+
+    assert set(M.METRICS) <= V.USED_METRICS, set(M.METRICS) - V.USED_METRICS
 
 
 # small subsamples and no per-bin tests: for tests of bookkeeping, not of statistics
@@ -176,41 +180,93 @@ SMALL = [*OVERRIDES, "validate.min_bin_events=1000000", "validate.subsample.clas
          "validate.subsample.voxel_classifier_events=300", "validate.subsample.fpd_events=300",
          "validate.subsample.kpd_batch_size=200", "validate.subsample.prdc_events=300",
          "validate.subsample.mode_classifier_events=500"]  # fmt: skip
+ROOT_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 
 
-def test_reused_floors_change_no_result(dataset, independent, tmp_path: Path) -> None:
-    """Floors computed for one generated sample and reused for another equal freshly computed ones
-    (their seeds derive from the test names, not from the order of computation), and floors
-    computed in the second process equal those computed in line."""
-    cfg = load_config(Path(__file__).resolve().parents[1] / "config.yaml", [*SMALL, "validate.floor_process=true"])
-    serial = load_config(Path(__file__).resolve().parents[1] / "config.yaml", [*SMALL, "validate.floor_process=false"])
-    reuse: dict[Any, Any] = {}
+def test_floors_file_reused_or_recomputed_changes_no_result(dataset, independent, tmp_path: Path, caplog) -> None:
+    """Floors read from the `floors` file, floors computed in the stage, floors reused in one process
+    and a run with reader processes and test threads all give the same metrics; a floors file for
+    another seed (or a damaged one) is not trusted: the stage says so and computes its own."""
+    cfg = load_config(ROOT_CONFIG, SMALL)
+    floors = tmp_path / "floors.json"
+    assert V.main(["floors", "--config", str(ROOT_CONFIG), *sum((["--set", o] for o in SMALL), []),
+                   "--dataset", str(dataset), "--out", str(floors)]) == 0  # fmt: skip
+    assert json.loads(floors.read_text())["format"] == V.FLOORS_FORMAT
     first, second = {k: v[:2000] for k, v in independent.items()}, {k: v[2000:4000] for k, v in independent.items()}
-    for name in ("first", "second", "fresh"):
+    runs = {}
+    for name, ev, kw in (("inline", second, {}), ("file", second, {"floors_path": floors}),
+                         ("workers", second, {"floors_path": floors, "threads": 2})):  # fmt: skip
         (tmp_path / name).mkdir()
-    _run(cfg, dataset, first, tmp_path / "first", reuse, plots=False)
-    cached = _run(cfg, dataset, second, tmp_path / "second", reuse, plots=False)
-    fresh = _run(serial, dataset, second, tmp_path / "fresh", None, plots=False)
-    assert cached["metrics"] == fresh["metrics"]
+        runs[name] = _run(cfg, dataset, ev, tmp_path / name, None, plots=False, **kw)
+    assert runs["inline"]["floors"] == "computed here" and runs["file"]["floors"] == str(floors)
+    assert runs["workers"]["reader_processes"] == 2
+    assert runs["file"]["metrics"] == runs["inline"]["metrics"] == runs["workers"]["metrics"]
+    reuse: dict[Any, Any] = {}
+    for name, ev in (("reuse-first", first), ("reuse-second", second)):
+        (tmp_path / name).mkdir()
+        runs[name] = _run(cfg, dataset, ev, tmp_path / name, reuse, plots=False)
+    assert runs["reuse-second"]["floors"] == "reused" and runs["reuse-second"]["metrics"] == runs["inline"]["metrics"]
+
+    other = tmp_path / "other-seed.json"
+    V.compute_floors(load_config(ROOT_CONFIG, [*SMALL, "seed=99"]), dataset, other)
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(floors.read_text()[:1000])
+    for path, why in ((other, "computed for another test split, settings, seed"), (damaged, "cannot read")):
+        caplog.clear()
+        (tmp_path / path.stem).mkdir()
+        summary = _run(cfg, dataset, second, tmp_path / path.stem, None, plots=False, floors_path=path)
+        assert why in caplog.text and summary["floors"] == "computed here"
+        assert summary["metrics"] == runs["inline"]["metrics"]
 
 
-def test_failed_second_process_falls_back(dataset, independent, tmp_path: Path, monkeypatch) -> None:
-    """If the floors' second process dies, the stage computes them itself: same metrics, no error."""
+def test_failed_plotting_process_falls_back(dataset, independent, tmp_path: Path, monkeypatch, caplog) -> None:
+    """If the plotting process dies, the plots are drawn in this process: all of them, no error."""
 
-    def dying(*args: Any) -> tuple[cf.ProcessPoolExecutor, cf.Future]:
-        pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        return pool, pool.submit(os._exit, 3)
+    class Dying(V._Plotter):
+        def __init__(self, separate: bool) -> None:
+            super().__init__(False)
+            self.pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self.pool.submit(os._exit, 3)
 
-    root = Path(__file__).resolve().parents[1] / "config.yaml"
+    cfg = load_config(ROOT_CONFIG, SMALL)
     ev = {k: v[:2000] for k, v in independent.items()}
-    for name in ("inline", "fallback"):
-        (tmp_path / name).mkdir()
-    inline = _run(load_config(root, [*SMALL, "validate.floor_process=false"]), dataset, ev, tmp_path / "inline", None,
-                  plots=False)  # fmt: skip
-    monkeypatch.setattr(V, "_start_floors", dying)
-    fallback = _run(load_config(root, [*SMALL, "validate.floor_process=true"]), dataset, ev, tmp_path / "fallback",
-                    None, plots=False)  # fmt: skip
-    assert fallback["metrics"] == inline["metrics"]
+    (tmp_path / "h.jsonl").write_text('{"step": 1, "loss_d": 0.5}\n')
+    monkeypatch.setattr(V, "_Plotter", Dying)
+    _run(cfg, dataset, ev, tmp_path, None, threads=2, history=tmp_path / "h.jsonl")
+    assert "the plotting process failed" in caplog.text
+    plots = {p.name for p in (tmp_path / "out" / "plots").glob("*.png")}
+    pages = -(-len(V.load_real(dataset).names) // 16)
+    # every plot these settings give (no per-bin results: no response or mode plot)
+    expected = {*(f"features_{i:02d}.png" for i in range(pages)), "mean_shower_per_layer.png", "training_curves.png"}
+    assert plots == expected
+
+
+def test_stage_module_imports_no_heavy_library() -> None:
+    """A worker process started the "spawn" way imports the stage's main module again: under
+    `python -m surrogate.validate` that is surrogate.validate, which must not drag in scikit-learn,
+    scipy or matplotlib (2-3 s of CPU per process)."""
+    code = "import sys, surrogate.validate; print(sorted({m.split('.')[0] for m in sys.modules} & " \
+           "{'sklearn', 'scipy', 'matplotlib', 'torch', 'mlflow'}))"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_mode_classifier_per_particle() -> None:
+    """One classifier per particle; a particle with one mode gets it; one without train events gets
+    the prediction of a classifier of all particles."""
+    rng = np.random.default_rng(5)
+    n = 600
+    pdg = np.where(np.arange(n) < 400, 22, 211)
+    x = rng.normal(size=(n, 3))
+    mode = np.where(pdg == 22, (x[:, 0] > 0).astype(int), 2)  # photons: two modes by feature 0; pions: one
+    train = V.RealSample(x, np.full(n, 1e4), np.zeros(n), pdg, mode, np.zeros((n, 1), np.float32), ["a", "b", "c"],
+                         None, ["f0", "f1", "f2"])  # fmt: skip
+    clf = V.ModeClassifier(train, n, 30, 1, particles=(22, 211, 11))
+    assert clf.models[211] == 2 and not isinstance(clf.models[22], int) and not isinstance(clf.models[11], int)
+    test_x = np.array([[2.0, 0, 0], [-2.0, 0, 0], [2.0, 0, 0]])
+    got = clf.predict(test_x, np.full(3, 1e4), np.zeros(3), np.array([22, 22, 211]))
+    assert got.tolist() == [1, 0, 2]
+    assert clf.predict(test_x[:1], np.full(1, 1e4), np.zeros(1), np.array([11]))[0] in (0, 1, 2)
 
 
 def test_without_truth_modes_uses_cluster_occupancy(dataset, independent, tmp_path: Path) -> None:
@@ -236,26 +292,36 @@ def _matched(dataset: Path, path: Path, pool: cf.Executor | None, **kw: Any) -> 
     real = V.load_real(dataset, "test")
     binning = V.Binning(np.array([10e3, 100e3]), np.array([0.75]), tuple(int(p) for p in np.unique(real.pdg)))
     return V.load_generated(path, real.geometry, real.names, binning, binning.index(real.energy, real.eta, real.pdg),
-                            cap=0, chunk_events=700, voxel_events=333, rng=np.random.default_rng(4), pool=pool,
-                            workers=2, **kw)  # fmt: skip
+                            cap=0, feature_events=1500, chunk_events=700, voxel_events=333,
+                            rng=np.random.default_rng(4), pool=pool, workers=2, **kw)  # fmt: skip
 
 
 def test_reader_processes_equal_reading_in_line(dataset, independent, tmp_path: Path) -> None:
-    """Features and kept voxels read by two worker processes equal those read in this process, bit for bit;
-    a bad shower value found there is reported with the file and its rows."""
+    """E_dep of every matched event, the feature subsample and the kept voxels read by two worker
+    processes equal those read in this process, bit for bit; every row is checked, matched or not,
+    and a bad value is reported with the file and its rows."""
     path = _write_generated(tmp_path / "events.h5", independent)
     pool = V._start_readers(2)
     try:
         inline, workers = _matched(dataset, path, None), _matched(dataset, path, pool)
-        assert len(inline.features) > 0.8 * N_GEN and inline.voxels.shape == (333, independent["showers"].shape[1])
-        np.testing.assert_array_equal(workers.features, inline.features)
-        np.testing.assert_array_equal(workers.voxels, inline.voxels)
-        np.testing.assert_array_equal(workers.energy, inline.energy)
+        assert len(inline.all_energy) > 0.8 * N_GEN and inline.features.shape[0] == 1500
+        assert inline.voxels.shape == (333, independent["showers"].shape[1])
+        for field in ("features", "voxels", "energy", "all_energy", "all_e_ratio"):
+            np.testing.assert_array_equal(getattr(workers, field), getattr(inline, field))
         assert (workers.reader_processes, inline.reader_processes) == (2, 0)
+        # every matched event's E_dep/E_inc is, for the feature subsample, its E_ratio feature (summed in
+        # another order)
+        np.testing.assert_array_equal(inline.all_energy[inline.feature_rows], inline.energy)
+        ratio = inline.features[:, V.load_real(dataset).names.index("E_ratio")]
+        np.testing.assert_allclose(inline.all_e_ratio[inline.feature_rows], ratio, rtol=1e-12)
         bad = {**independent, "showers": independent["showers"].copy()}
         bad["showers"][4300:4400, 7] = np.nan  # a hundred rows: some of them are among the matched ones
         with pytest.raises(V.ValidateError, match=r"bad\.h5: 'showers' rows 4096\.\.4607: shower row \d+, voxel 7 "):
             _matched(dataset, _write_generated(tmp_path / "bad.h5", bad), pool)
+        one = {**independent, "showers": independent["showers"].copy()}
+        one["showers"][5000, 3] = -1.0  # a single row, whether matched or not
+        with pytest.raises(V.ValidateError, match=r"one\.h5: 'showers' rows 4608\.\.5119: shower row 392, voxel 3 "):
+            _matched(dataset, _write_generated(tmp_path / "one.h5", one), None)
     finally:
         pool.shutdown()
 
@@ -268,11 +334,10 @@ def test_failed_reader_process_falls_back(dataset, independent, tmp_path: Path, 
         pool.submit(os._exit, 3)
         return pool
 
-    root = Path(__file__).resolve().parents[1] / "config.yaml"
     ev = {k: v[:2000] for k, v in independent.items()}
     for name in ("inline", "fallback"):
         (tmp_path / name).mkdir()
-    cfg = load_config(root, [*SMALL, "validate.floor_process=false"])
+    cfg = load_config(ROOT_CONFIG, SMALL)
     inline = _run(cfg, dataset, ev, tmp_path / "inline", None, plots=False, threads=1)
     monkeypatch.setattr(V, "_start_readers", dying)
     fallback = _run(cfg, dataset, ev, tmp_path / "fallback", None, plots=False, threads=2)

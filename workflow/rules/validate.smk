@@ -1,8 +1,27 @@
+rule validate_floors:
+    """Real-vs-real floors of the test split: they depend on the data, not on the generator (runs beside training)."""
+    input:
+        dataset="results/ingest/dataset.h5",
+    output:
+        "results/validate/floors.json",
+    params:
+        settings={k: config.get(k) for k in ("seed", "validate")},
+    log:
+        "results/logs/validate-floors.log",
+    benchmark:
+        "results/benchmarks/validate-floors.tsv"
+    threads: 32  # as many as --cores allows (Snakemake scales it down)
+    shell:
+        "python -m surrogate.validate floors --config {RESOLVED_CONFIG} --dataset {input.dataset}"
+        " --out {output} --threads {threads} 2> {log}"
+
+
 rule validate:
     """Physics distributions and mode coverage against the held-out test split."""
     input:
         dataset="results/ingest/dataset.h5",
         generated="results/generate/events.h5",
+        floors="results/validate/floors.json",
         history="results/train/history.jsonl",
     output:
         summary="results/validate/summary.json",
@@ -22,5 +41,5 @@ rule validate:
     threads: 32  # as many as --cores allows (Snakemake scales it down); not workflow.cores, which breaks --report
     shell:
         "python -m surrogate.validate --config {RESOLVED_CONFIG} --dataset {input.dataset}"
-        " --generated {input.generated} --history {input.history} --out results/validate"
+        " --generated {input.generated} --floors {input.floors} --history {input.history} --out results/validate"
         " --threads {threads} 2> {log}"
