@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -735,6 +736,7 @@ def cluster_occupancy(
 
 #: k-NN radii by sample content (see :func:`_knn_radius`); a few entries, oldest dropped first.
 _RADII: dict[tuple[Any, ...], np.ndarray] = {}
+_RADII_LOCK = threading.Lock()
 
 
 def _knn_radius(x: np.ndarray, k: int) -> np.ndarray:
@@ -746,11 +748,15 @@ def _knn_radius(x: np.ndarray, k: int) -> np.ndarray:
     radii (a third of the PRDC time) are found once. The result depends only on ``x`` and ``k``.
     """
     key = (hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest(), x.shape, x.dtype.str, k)
-    if key not in _RADII:
-        if len(_RADII) >= 16:
-            del _RADII[next(iter(_RADII))]
-        _RADII[key] = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]
-    return _RADII[key]
+    with _RADII_LOCK:
+        radius = _RADII.get(key)
+    if radius is None:
+        radius = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]
+        with _RADII_LOCK:  # the validate stage runs metrics in threads
+            while len(_RADII) >= 16:
+                del _RADII[next(iter(_RADII))]
+            _RADII[key] = radius
+    return radius
 
 
 def _prdc_values(real: np.ndarray, gen: np.ndarray, k: int, block: int = 2048) -> np.ndarray:

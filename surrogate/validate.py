@@ -1174,9 +1174,9 @@ def run(
             t0 = time.perf_counter()
             plot_paths = sorted(plotter.paths(), key=_plot_rank)
             info["seconds"]["plots (waited)"] = time.perf_counter() - t0
-    finally:
+    finally:  # on an error too: no process is left behind
         if readers is not None:
-            readers.shutdown(wait=False, cancel_futures=True)
+            readers.shutdown(wait=True, cancel_futures=True)
         if plotter is not None:
             plotter.close()
     apply_holm(tests, settings["alpha"])

@@ -168,6 +168,17 @@ def test_cli_exit_codes(cfg, dataset, independent, tmp_path: Path, monkeypatch: 
     assert exc.value.code == 1
 
 
+def test_unusable_input_leaves_no_process_behind(cfg, dataset, tmp_path: Path) -> None:
+    """A bad generated file (or dataset) is one error naming it; the reader and plotting processes are gone."""
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    for data, gen, match in ((dataset, tmp_path / "bad.h5", "bad.h5: cannot open as HDF5"),
+                             (tmp_path / "bad.h5", tmp_path / "bad.h5", "bad.h5: cannot open as HDF5")):  # fmt: skip
+        with pytest.raises(V.ValidateError, match=match):
+            V.run(cfg, data, gen, tmp_path / "out", threads=2)
+        assert multiprocessing.active_children() == []
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
 def test_every_registered_metric_is_used() -> None:
     """The stage walks the metrics registry: a metric added there without a test here is caught."""
     from surrogate import metrics as M
