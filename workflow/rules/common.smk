@@ -18,3 +18,15 @@ if not _path.exists() or _path.read_text() != _text:
 def ingest_inputs(wildcards=None):
     """The configured input files, or the reference simulator's output when none are given."""
     return config["ingest"]["inputs"] or [config["simulate"]["output"]]
+
+
+def source_hash(*modules):
+    """sha256 of the installed modules' source, as a rule parameter: a change to the code that
+    computes a result reruns the rule (Snakemake does not track the package's code by itself)."""
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return h.hexdigest()
