@@ -596,6 +596,7 @@ def classifier_auc(
     *,
     max_events: int = 20_000,
     max_iter: int = 100,
+    max_bins: int = 255,
     n_boot: int = 100,
     seed: int = 0,
 ) -> Result:
@@ -606,6 +607,7 @@ def classifier_auc(
 
     Args:
         real, gen: (N, F) and (M, F) feature matrices.
+        max_iter, max_bins: the classifier's boosting iterations (at most) and bins per feature.
     Returns:
         (AUC on the held-out half; std over ``n_boot`` bootstrap resamplings of that test set).
     """
@@ -619,7 +621,8 @@ def classifier_auc(
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.5, stratify=y, random_state=int(seeds[0]))
     # early stopping on a tenth of the training half: samples the classifier cannot tell apart stop
     # after a few trees (no fitting of noise), separable ones keep boosting up to max_iter
-    clf = HistGradientBoostingClassifier(max_iter=max_iter, early_stopping=True, random_state=int(seeds[1]))
+    clf = HistGradientBoostingClassifier(max_iter=max_iter, max_bins=max_bins, early_stopping=True,
+                                         random_state=int(seeds[1]))  # fmt: skip
     clf.fit(x_tr, y_tr)
     p = clf.predict_proba(x_te)[:, 1]
     auc = roc_auc_score(y_te, p)

@@ -721,6 +721,12 @@ def evaluate(
         kw = {"max_events": nv if on_voxels else ncl, "max_iter": sub["classifier_iterations"], "n_boot": n_boot,
               "seed": _seed_of(seed, "classifier_auc")}  # fmt: skip
         if on_voxels:
+            # 63 bins per voxel, not 255: ~30 training events a bin here. Measured (2000 events a class,
+            # 533 voxels, 3 seeds): the same AUCs (real vs real 0.499/0.502, energy x1.1 0.511/0.509, the
+            # quality preset's generator 0.9969/0.9975) in half the time (2.2 s instead of 5.5 s for the
+            # 100 iterations a distinguishable sample takes)
+            kw["max_bins"] = 63
+        if on_voxels:
             key, ra, rb, g = f"classifier_auc/voxels@{nv}", real.showers[half_a], real.showers[half_b], gen.voxels
         else:
             key, ra, rb, g = "classifier_auc/features", rf[half_a], rf[half_b], gf[gen_b]
