@@ -218,8 +218,9 @@ def random_checkpoint(cfg: dict, ref: dict, path: Path) -> Path:
     pre = Preprocessor.fit(ref["showers"], ref["incident_energies"], ref["incident_eta"], ref["incident_pdg"],
                            cfg["preprocess"], cfg["ingest"]["particles"])  # fmt: skip
     geometry = from_config(cfg)
-    mc, head, _ = model_parts({**cfg["train"], "critic": {**cfg["train"]["critic"], "physics_weight": 0.0}}, pre,
-                              geometry, ref["showers"], ref["incident_energies"])  # fmt: skip
+    no_critic_inputs = {"physics_weight": 0.0, "shape_weight": 0.0, "threshold": False}  # only G is saved
+    mc, head, _ = model_parts({**cfg["train"], "critic": {**cfg["train"]["critic"], **no_critic_inputs}}, pre,
+                              geometry, ref["showers"], ref["incident_energies"], pdg=ref["incident_pdg"])  # fmt: skip
     torch.manual_seed(0)
     torch.save({
         "format_version": FORMAT_VERSION, "model_config": mc.to_dict(),

@@ -35,7 +35,8 @@ def reference_sample(cfg: dict, events: int) -> tuple:
     ev = simulate_events(events, cfg, seed=1)
     pre = Preprocessor.fit(ev["showers"], ev["incident_energies"], ev["incident_eta"], ev["incident_pdg"],
                            cfg["preprocess"], cfg["ingest"]["particles"])  # fmt: skip
-    parts = model_parts(cfg["train"], pre, from_config(cfg, ROOT), ev["showers"], ev["incident_energies"])
+    parts = model_parts(cfg["train"], pre, from_config(cfg, ROOT), ev["showers"], ev["incident_energies"],
+                        pdg=ev["incident_pdg"])
     x = torch.from_numpy(pre.transform_showers(ev["showers"], ev["incident_energies"]))
     c = torch.from_numpy(pre.transform_conditions(ev["incident_energies"], ev["incident_eta"], ev["incident_pdg"]))
     return x, c, parts

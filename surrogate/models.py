@@ -64,18 +64,26 @@ class ModelConfig:
     output: str = "linear"  # linear | layered (see Generator)
     symmetry: str = "none"  # none | rotate | rotate_reflect: layered showers turned to a random orientation
     critic_physics_weight: float = 0.0  # > 0: the critic also sees log layer and total energies, x this weight
+    critic_shape_weight: float = 0.0  # > 0: ... and per-layer centroids, widths and soft hit fractions, x this weight
+    critic_threshold: bool = False  # the critic sees showers with the readout threshold applied (as generate writes)
+    template_knots: int = 0  # > 0 (layered only): G corrects a fitted per-condition mean shower (ResponseTemplate)
 
     def __post_init__(self) -> None:
         for name in ("n_voxels", "cond_dim", "z_dim", "g_width", "g_depth", "d_width", "d_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "cond_dim" else 1):
                 raise ModelError(f"model config: {name} must be a positive integer, got {value!r}")
-        if not self.critic_physics_weight >= 0:
-            raise ModelError(f"model config: critic_physics_weight must be >= 0, got {self.critic_physics_weight!r}")
+        for name in ("critic_physics_weight", "critic_shape_weight"):
+            if not getattr(self, name) >= 0:
+                raise ModelError(f"model config: {name} must be >= 0, got {getattr(self, name)!r}")
         if self.conditioning not in ("concat", "film"):
             raise ModelError(f"model config: conditioning must be 'concat' or 'film', got {self.conditioning!r}")
         if self.symmetry not in SYMMETRIES:
             raise ModelError(f"model config: symmetry must be one of {', '.join(SYMMETRIES)}, got {self.symmetry!r}")
+        if not isinstance(self.template_knots, int) or self.template_knots < 0 or self.template_knots == 1:
+            raise ModelError(f"model config: template_knots must be 0 (off) or >= 2, got {self.template_knots!r}")
+        if self.template_knots and self.output != "layered":
+            raise ModelError("model config: template_knots needs output 'layered'")
         if self.symmetry != "none" and self.output != "layered":
             raise ModelError("model config: symmetry needs output 'layered'")
         if self.output not in OUTPUTS:
@@ -116,8 +124,56 @@ def head_info(pre: Any, geometry: Any, symmetry: str = "none") -> dict[str, Any]
     return {
         "shift": pre.mean, "scale": pre.std, "transform": pre.voxel_transform, "epsilon": pre.epsilon,
         "logit_alpha": pre.logit_alpha, "layer_sizes": [layer.n_r * layer.n_alpha for layer in geometry.active_layers],
-        "orientations": orientations,
+        "orientations": orientations, "n_particles": max(len(pre.particles), 1),
     }  # fmt: skip
+
+
+class ResponseTemplate(nn.Module):
+    """Conditions (B, C) -> (B, 2 + L + V): a fitted mean shower per incident energy and particle.
+
+    Columns: the mean and the log spread of log(E_dep / E_inc), then the log mean share of each
+    layer in E_dep, then the log mean share of each voxel in its layer. Fitted on the training
+    showers (:func:`surrogate.train.response_template`) at ``K`` knots in log E per particle
+    (medians of energy quantile bins) and interpolated linearly in log E between them, constant
+    beyond the ends. The energy is the first condition column, the particle the one-hot columns
+    at the end (one particle: no columns). Buffers only, saved with the weights.
+
+    The layered head adds these to the generator's raw outputs, so the network outputs the
+    *standardised* response (a resolution of 1% at 1 TeV and 10% at 1 GeV are then one target)
+    and corrections to the mean longitudinal and lateral profile, not the profile itself. The
+    MLP was seen to give every energy the same relative spread of E_dep (too wide at high
+    energy: resolution ratios of 2-7): a spread that must shrink tenfold across the range is
+    hard for a network to learn in a few thousand steps, and easy to fit beforehand.
+    """
+
+    def __init__(self, knots: int, n_particles: int, width: int, fitted: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.n_particles = int(n_particles)
+        k = torch.zeros(self.n_particles, knots)
+        v = torch.zeros(self.n_particles, knots, width)
+        if fitted is not None:
+            k = torch.as_tensor(np.asarray(fitted["knots"], dtype=np.float32))
+            v = torch.as_tensor(np.asarray(fitted["values"], dtype=np.float32))
+            if k.shape != (self.n_particles, knots) or v.shape != (self.n_particles, knots, width):
+                raise ModelError(f"response template: knots {tuple(k.shape)} and values {tuple(v.shape)}, expected "
+                                 f"({self.n_particles}, {knots}) and ({self.n_particles}, {knots}, {width})")
+        self.register_buffer("knots", k)
+        self.register_buffer("values", v)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        x = c[:, 0].float()
+        out = None
+        for p in range(self.n_particles):
+            k, v = self.knots[p], self.values[p]
+            xc = torch.clamp(x, k[0], k[-1])
+            hi = torch.clamp(torch.searchsorted(k, xc.contiguous()), 1, len(k) - 1)
+            lo_k, hi_k = k[hi - 1], k[hi]
+            t = ((xc - lo_k) / torch.clamp(hi_k - lo_k, min=1e-12)).unsqueeze(1)
+            val = (1 - t) * v[hi - 1] + t * v[hi]
+            if self.n_particles > 1:
+                val = val * c[:, c.shape[1] - self.n_particles + p : c.shape[1] - self.n_particles + p + 1].float()
+            out = val if out is None else out + val
+        return out
 
 
 class LayeredHead(nn.Module):
@@ -134,7 +190,7 @@ class LayeredHead(nn.Module):
 
     LOG_MAX_RATIO = math.log(4.0)
 
-    def __init__(self, info: dict[str, Any]) -> None:
+    def __init__(self, info: dict[str, Any], template_knots: int = 0) -> None:
         super().__init__()
         self.layer_sizes = [int(n) for n in info["layer_sizes"]]
         self.transform = str(info["transform"])
@@ -150,6 +206,11 @@ class LayeredHead(nn.Module):
         if sum(self.layer_sizes) != len(self.shift):
             raise ModelError(f"layered output: layers of {sum(self.layer_sizes)} voxels, "
                              f"preprocessing of {len(self.shift)}")
+        self.template = None
+        if template_knots:
+            width = 2 + len(self.layer_sizes) + len(self.shift)
+            self.template = ResponseTemplate(template_knots, int(info.get("n_particles", 1)), width,
+                                             info.get("template"))  # fmt: skip
 
     @property
     def n_in(self) -> int:
@@ -159,10 +220,19 @@ class LayeredHead(nn.Module):
     def n_orientations(self) -> int:
         return int(self.orientations.shape[0])
 
-    def forward(self, h: torch.Tensor, orientation: torch.Tensor | None = None) -> torch.Tensor:
-        """h (B, n_in) -> (B, V); ``orientation`` (B,) int64 picks a row of ``orientations`` per shower."""
+    def forward(
+        self, h: torch.Tensor, orientation: torch.Tensor | None = None, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """h (B, n_in) -> (B, V); ``orientation`` (B,) int64 picks a row of ``orientations`` per shower;
+        ``c`` (B, C), the conditions, is needed with a template."""
         h = h.float()
         n_layers = len(self.layer_sizes)
+        if self.template is not None:
+            if c is None:
+                raise ModelError("layered output with a template needs the conditions")
+            t = self.template(c)
+            total = t[:, :1] + torch.exp(t[:, 1:2]) * h[:, :1]
+            h = torch.cat([total, h[:, 1:] + t[:, 2:]], dim=1)
         log_total = torch.clamp(h[:, :1], max=self.LOG_MAX_RATIO)
         log_layer = torch.log_softmax(h[:, 1 : 1 + n_layers], dim=1) + log_total
         blocks = torch.split(h[:, 1 + n_layers :], self.layer_sizes, dim=1)
@@ -204,7 +274,7 @@ class Generator(nn.Module):
             self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         if cfg.output != "linear" and head is None:
             raise ModelError(f"model config: output {cfg.output!r} needs the preprocessing (head_info)")
-        self.head = LayeredHead(head) if cfg.output == "layered" else None
+        self.head = LayeredHead(head, cfg.template_knots) if cfg.output == "layered" else None
         self.out = nn.Linear(widths[-1], self.head.n_in if self.head is not None else cfg.n_voxels)
         if self.head is not None and len(self.head.shift) != cfg.n_voxels:
             raise ModelError(f"layered output: preprocessing of {len(self.head.shift)} voxels, model of {cfg.n_voxels}")
@@ -222,7 +292,7 @@ class Generator(nn.Module):
             # the normal CDF), so G stays a deterministic function of (z, c) and samples stay seeded
             u = 0.5 * (1.0 + torch.erf(z[:, -1].float() / math.sqrt(2.0)))
             orientation = torch.clamp((u * self.head.n_orientations).long(), 0, self.head.n_orientations - 1)
-        return self.head(h, orientation)
+        return self.head(h, orientation, c)
 
 
 class ShowerSums(nn.Module):
@@ -260,26 +330,118 @@ class ShowerSums(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 even under bf16 autocast: a sum of hundreds of voxels needs the mantissa
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = x.float() * self.scale + self.shift
-            if self.transform == "log":
-                u = torch.clamp(torch.exp(torch.clamp(y, max=20.0)) - self.epsilon, min=0.0)
-            else:
-                u = torch.sigmoid(y)
+            u = _shares(x, self.scale, self.shift, self.transform, self.epsilon)
             sums = u @ self.member
             sums = torch.cat([sums, sums.sum(dim=1, keepdim=True)], dim=1)
             return (self.weight * (torch.log(sums + self.DELTA) - self.feat_mean)).to(x.dtype)
 
 
+def _shares(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, transform: str, epsilon: float) -> torch.Tensor:
+    """Network-space voxels (B, V) -> u = E_vox / E_inc (B, V), float32, >= 0 (the inverse voxel transform)."""
+    y = x.float() * scale + shift
+    if transform == "log":
+        return torch.clamp(torch.exp(torch.clamp(y, max=20.0)) - epsilon, min=0.0)
+    return torch.sigmoid(y)
+
+
+class ReadoutThreshold(nn.Module):
+    """Network-space voxels (B, V) at conditions (B, C) -> the same showers with the readout threshold applied.
+
+    The generate stage zeroes every voxel below the real data's readout threshold (in MeV), so
+    that is what validation judges; during training the generator's output has no threshold, and
+    a critic that sees the raw output judges showers that are never written. Here a voxel with
+    E_vox < threshold is set to the empty-voxel value, in the forward pass only: its gradient
+    passes straight through (a hard mask would stop the gradient of every voxel below threshold,
+    and nothing could ever bring one above it). The incident energy comes from the first
+    condition column (log E scaled to [-1, 1] over ``log_e_range``, as
+    :meth:`surrogate.preprocess.Preprocessor.transform_conditions` writes it). Real showers were
+    read out with the same threshold, so for them it changes nothing.
+    """
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        super().__init__()
+        self.transform, self.epsilon = str(info["transform"]), float(info["epsilon"])
+        self.log_threshold = math.log(float(info["threshold_mev"]))
+        self.log_e_lo, self.log_e_hi = (float(v) for v in info["log_e_range"])
+        for name in ("shift", "scale"):
+            self.register_buffer(name, torch.as_tensor(np.asarray(info[name], dtype=np.float32)))
+        alpha = float(info.get("logit_alpha", 1e-6))
+        empty = math.log(self.epsilon) if self.transform == "log" else math.log(alpha / (1 - alpha))
+        self.register_buffer("empty", (torch.full_like(self.shift, empty) - self.shift) / self.scale)
+
+    def log_u_threshold(self, c: torch.Tensor) -> torch.Tensor:
+        """(B, C) conditions -> (B, 1) log(threshold / E_inc)."""
+        log_e = self.log_e_lo + 0.5 * (c[:, :1].float() + 1.0) * (self.log_e_hi - self.log_e_lo)
+        return self.log_threshold - log_e
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = _shares(x, self.scale, self.shift, self.transform, self.epsilon)
+            visible = torch.log(u + 1e-30) >= self.log_u_threshold(c)
+            xf = x.float()
+            cut = torch.where(visible, xf, self.empty.expand_as(xf))
+            return (xf + (cut - xf).detach()).to(x.dtype)
+
+
+class ShowerShape(nn.Module):
+    """Network-space voxels (B, V) at conditions (B, C) -> (B, 5 L) per-layer shape features, standardised.
+
+    Per active layer: the energy-weighted centroid (x, y) and width (x, y) of the voxel centres in
+    mm, as :func:`surrogate.features.compute_features` defines them, and the soft fraction of the
+    layer's voxels above the readout threshold (a sigmoid of log(E_vox / threshold) / ``tau``, so
+    it has a gradient). Each feature is centred and scaled by its spread in the training sample
+    (``feat_mean``, ``feat_std``) and multiplied by ``weight``: these are the quantities of the
+    validation's per-layer tests, given to the critic directly, since in voxel space a shift of the
+    centroid or a few extra hits weigh little next to hundreds of sparse voxels.
+    """
+
+    TAU = 0.5  # width of the soft hit count, in units of log energy
+    VAR_FLOOR = 1.0  # mm^2 added under the width's square root (finite gradient for one-voxel layers)
+
+    def __init__(self, info: dict[str, Any], weight: float) -> None:
+        super().__init__()
+        self.transform, self.epsilon = str(info["transform"]), float(info["epsilon"])
+        self.weight = float(weight)
+        self.threshold = ReadoutThreshold(info)
+        for name in ("shift", "scale", "member", "vx", "vy", "shape_mean", "shape_std"):
+            self.register_buffer(name, torch.as_tensor(np.asarray(info[name], dtype=np.float32)))
+        self.register_buffer("n_per_layer", self.member.sum(dim=0))
+
+    @property
+    def n_out(self) -> int:
+        return 5 * int(self.member.shape[1])
+
+    def raw(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, 5 L) unstandardised features: centre_x, centre_y, width_x, width_y (mm), hit fraction, per layer."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = _shares(x, self.scale, self.shift, self.transform, self.epsilon)
+            s = u @ self.member
+            inv = torch.where(s > 0, 1.0 / torch.clamp(s, min=1e-30), torch.zeros_like(s))
+            mx, my = ((u * self.vx) @ self.member) * inv, ((u * self.vy) @ self.member) * inv
+            vx = torch.clamp(((u * self.vx**2) @ self.member) * inv - mx**2, min=0.0)
+            vy = torch.clamp(((u * self.vy**2) @ self.member) * inv - my**2, min=0.0)
+            wx, wy = torch.sqrt(vx + self.VAR_FLOOR), torch.sqrt(vy + self.VAR_FLOOR)
+            soft = torch.sigmoid((torch.log(u + 1e-30) - self.threshold.log_u_threshold(c)) / self.TAU)
+            hits = (soft @ self.member) / self.n_per_layer
+            return torch.cat([mx, my, wx, wy, hits], dim=1)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        out = self.weight * (self.raw(x, c) - self.shape_mean) / self.shape_std
+        return out.to(x.dtype)
+
+
 class Critic(nn.Module):
     """D(x (B, V), c (B, C)) -> (B,) unbounded Wasserstein score. No BatchNorm.
 
-    ``D(x, c) = score(embed(x), c)``. ``embed`` is the identity unless ``critic_physics_weight``
-    > 0: then it appends :class:`ShowerSums` (the log layer and total energies, times the
-    weight) to the voxels. The training loop applies the gradient penalty in that embedded
-    space, so the weight sets how much a difference in those energies counts in the
-    Wasserstein distance the critic estimates. Without it, a 10% error in the response moves a
-    shower by little in the standardised voxel space next to the many sparse outer voxels, and
-    the generator fixes it last (CaloGAN showed its critic the same sums for this reason).
+    ``D(x, c) = score(embed(x, c), c)``. ``embed`` is the identity unless the physics inputs are
+    on: ``critic_threshold`` applies the readout threshold first (:class:`ReadoutThreshold`);
+    ``critic_physics_weight`` > 0 appends :class:`ShowerSums` (the log layer and total energies,
+    times the weight) and ``critic_shape_weight`` > 0 :class:`ShowerShape` (per-layer centroids,
+    widths and soft hit fractions) to the voxels. The training loop applies the gradient penalty
+    in that embedded space, so the weights set how much a difference in those quantities counts
+    in the Wasserstein distance the critic estimates. Without them, a 10% error in the response
+    moves a shower by little in the standardised voxel space next to the many sparse outer
+    voxels, and the generator fixes it last (CaloGAN showed its critic the same sums for this reason).
     """
 
     def __init__(self, cfg: ModelConfig, physics: dict[str, Any] | None = None) -> None:
@@ -287,13 +449,21 @@ class Critic(nn.Module):
         self.cfg = cfg
         wrap = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda m: m)
         self.sums: ShowerSums | None = None
+        self.shape: ShowerShape | None = None
+        self.threshold: ReadoutThreshold | None = None
+        needs = cfg.critic_physics_weight > 0 or cfg.critic_shape_weight > 0 or cfg.critic_threshold
+        if needs and physics is None:
+            raise ModelError("model config: the critic's physics inputs need the preprocessing and layer map")
+        if not needs and physics is not None:
+            raise ModelError("model config: the critic has no physics inputs but physics information was given")
         if cfg.critic_physics_weight > 0:
-            if physics is None:
-                raise ModelError("model config: critic_physics_weight > 0 needs the preprocessing and layer map")
             self.sums = ShowerSums(physics, cfg.critic_physics_weight)
-        elif physics is not None:
-            raise ModelError("model config: critic_physics_weight is 0 but physics information was given")
-        n_in = cfg.n_voxels + (self.sums.n_out if self.sums else 0) + cfg.cond_dim + (1 if cfg.minibatch_std else 0)
+        if cfg.critic_shape_weight > 0:
+            self.shape = ShowerShape(physics, cfg.critic_shape_weight)
+        if cfg.critic_threshold:
+            self.threshold = ReadoutThreshold(physics)
+        n_extra = (self.sums.n_out if self.sums else 0) + (self.shape.n_out if self.shape else 0)
+        n_in = cfg.n_voxels + n_extra + cfg.cond_dim + (1 if cfg.minibatch_std else 0)
         layers: list[nn.Module] = []
         for _ in range(cfg.d_depth):
             layers.append(wrap(nn.Linear(n_in, cfg.d_width)))
@@ -304,9 +474,16 @@ class Critic(nn.Module):
         layers.append(wrap(nn.Linear(n_in, 1)))
         self.net = nn.Sequential(*layers)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, V) -> (B, V [+ L + 1]): the space the critic scores (and the penalty is taken in)."""
-        return x if self.sums is None else torch.cat([x, self.sums(x)], dim=1)
+    def embed(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, V) at (B, C) -> (B, V [+ L + 1] [+ 5 L]): the space the critic scores (and the penalty is taken in)."""
+        if self.threshold is not None:
+            x = self.threshold(x, c)
+        parts = [x]
+        if self.sums is not None:
+            parts.append(self.sums(x))
+        if self.shape is not None:
+            parts.append(self.shape(x, c))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def score(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Score embedded showers ``a`` (B, embedded width) at conditions ``c`` (B, C) -> (B,)."""
@@ -318,7 +495,7 @@ class Critic(nn.Module):
         return self.net(torch.cat(parts, dim=1)).squeeze(1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.score(self.embed(x), c)
+        return self.score(self.embed(x, c), c)
 
 
 def build_models(

@@ -93,7 +93,7 @@ STATE_VERSION = 2
 # keys of the train section that may change between a checkpoint and a rerun without
 # invalidating it (how long / how often / where / what to do on trouble, not what is trained)
 _RESUMABLE_KEYS = ("steps", "max_minutes", "threads", "log_every", "checkpoint_every", "eval_every",
-                   "eval_events", "on_nonfinite", "max_rollbacks", "on_incompatible_checkpoint")  # fmt: skip
+                   "eval_events", "eval_shape", "on_nonfinite", "max_rollbacks", "on_incompatible_checkpoint")  # fmt: skip
 
 
 
@@ -138,6 +138,8 @@ def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> Mo
         d_width=d["width"], d_depth=d["depth"], conditioning=train["conditioning"],
         critic_layernorm=d["layernorm"], spectral_norm=d["spectral_norm"], minibatch_std=d["minibatch_std"],
         output=g["output"], symmetry=g["symmetry"], critic_physics_weight=float(d["physics_weight"]),
+        critic_shape_weight=float(d["shape_weight"]), critic_threshold=bool(d["threshold"]),
+        template_knots=int(g["template_knots"]),
     )  # fmt: skip
 
 
@@ -293,7 +295,7 @@ def train_steps(
                 with torch.no_grad():
                     fake = G(z, c)
                     # the critic's embedding of the showers has no parameters: outside the graph
-                    real_a, fake_a = D.embed(real), D.embed(fake.float())
+                    real_a, fake_a = D.embed(real, c), D.embed(fake.float(), c)
                 d_real, d_fake = D.score(real_a, c), D.score(fake_a, c)
                 gp = (gradient_penalty(D.score, real_a, fake_a.float(), c, s.gp_lambda, generator=state.rng)
                       if s.gp_lambda else torch.zeros((), device=real.device))  # fmt: skip
@@ -365,18 +367,23 @@ def physics_score(
     groups: np.ndarray | None = None,
     energy_bins: int = 5,
     hist_bins: int = 20,
+    shape: bool = False,
+    threshold: float = 0.0,
 ) -> dict[str, float]:
     """Quick validation score of generated vs real showers at the same conditions (lower is better).
 
     real_showers, gen_showers: (N, V) MeV; energies (N, 1) MeV; groups (N,) e.g. particle codes.
     ``chi2_eratio``: mean over (group, energy quantile bin) of χ²/ndf of E_dep/E_inc histograms;
     ``chi2_frac``: mean over active layers of χ²/ndf of the layer energy-fraction histograms;
-    ``score`` = their sum.
+    ``chi2_shape``: mean χ²/ndf of the per-layer centroids, widths and sparsities (voxels above
+    ``threshold`` MeV) that vary in the real sample; ``score`` = the sum of the first two, plus
+    ``chi2_shape`` when ``shape`` (a generator that gets the energies right with collapsed
+    shapes or too few hits then does not win the checkpoint).
     """
     from surrogate.features import compute_features
 
-    fr = compute_features(real_showers, energies, geometry)
-    fg = compute_features(gen_showers, energies, geometry)
+    fr = compute_features(real_showers, energies, geometry, threshold=threshold)
+    fg = compute_features(gen_showers, energies, geometry, threshold=threshold)
     e = np.asarray(energies, dtype=np.float64).reshape(-1)
     groups = np.zeros(len(e), dtype=np.int64) if groups is None else np.asarray(groups).reshape(-1)
     chi_e = []
@@ -391,37 +398,122 @@ def physics_score(
     chi_f = [_chi2_ndf(fr[k], fg[k], hist_bins) for k in fr if k.startswith("frac_layer_")]
     ce = float(np.mean(chi_e)) if chi_e else float("nan")
     cf = float(np.mean(chi_f)) if chi_f else float("nan")
-    return {"chi2_eratio": ce, "chi2_frac": cf, "score": ce + cf}
+    varied = [k for k in fr if k.startswith(("centre_", "width_", "sparsity_")) and np.ptp(fr[k]) > 0]
+    cs = float(np.mean([_chi2_ndf(fr[k], fg[k], hist_bins) for k in varied])) if varied else 0.0
+    return {"chi2_eratio": ce, "chi2_frac": cf, "chi2_shape": cs, "score": ce + cf + (cs if shape else 0.0)}
 
 
 def model_parts(
-    train: dict[str, Any], pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray
+    train: dict[str, Any], pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray,
+    threshold_mev: float | None = None, pdg: np.ndarray | None = None,
 ) -> tuple[ModelConfig, dict[str, Any] | None, dict[str, Any] | None]:
     """(ModelConfig, generator head info, critic physics info) for the config's ``train`` section,
-    a fitted Preprocessor, a Geometry and training showers (N, V) MeV with energies (N, 1) MeV;
-    the last two are None when the config does not use them (arguments of :class:`TrainState`)."""
+    a fitted Preprocessor, a Geometry and training showers (N, V) MeV with energies (N, 1) MeV
+    (the data's readout threshold in MeV, see :func:`critic_physics`, and the particle codes (N,),
+    needed by a template when the data hold several particles); the last two are None when the
+    config does not use them (arguments of :class:`TrainState`)."""
     mcfg = model_config_from(train, n_voxels=geometry.n_voxels, cond_dim=len(pre.condition_names))
     head = head_info(pre, geometry, mcfg.symmetry) if mcfg.output != "linear" else None
-    physics = critic_physics(pre, geometry, showers, energies) if mcfg.critic_physics_weight > 0 else None
+    if head is not None and mcfg.template_knots:
+        head["template"] = response_template(pre, geometry, showers, energies, pdg, mcfg.template_knots)
+    wants = mcfg.critic_physics_weight > 0 or mcfg.critic_shape_weight > 0 or mcfg.critic_threshold
+    physics = critic_physics(pre, geometry, showers, energies, threshold_mev) if wants else None
     return mcfg, head, physics
 
 
-def critic_physics(pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray) -> dict[str, Any]:
-    """The arrays of :class:`surrogate.models.ShowerSums` for this preprocessing, geometry and training sample.
+def response_template(
+    pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray, pdg: np.ndarray | None, knots: int
+) -> dict[str, np.ndarray]:
+    """Fit :class:`surrogate.models.ResponseTemplate` on training showers (N, V) MeV, energies (N, 1) MeV.
 
-    showers (N, V) MeV, energies (N, 1) MeV; the centring of the log layer and total energies
-    is fitted on them.
+    Per particle (in ``pre.particles`` order), the events are cut into ``knots`` quantile bins of
+    log E; each knot sits at its bin's median (in the scaled log E of the first condition
+    column) and holds the mean and log standard deviation of log(E_dep / E_inc), the log of the
+    mean layer shares of E_dep and the log of the mean voxel shares of their layer (floored at
+    1e-12). Returns ``{"knots": (P, K), "values": (P, K, 2 + L + V)}`` float32.
     """
-    from surrogate.models import ShowerSums
+    layer_index, _, _ = geometry.voxel_centres()
+    n_layers = len(geometry.active_layers)
+    member = np.zeros((geometry.n_voxels, n_layers))
+    member[np.arange(geometry.n_voxels), layer_index] = 1.0
+    e = np.asarray(energies, dtype=np.float64).reshape(-1)
+    lo, hi = (float(np.log(v)) for v in pre.energy_range_mev)
+    c0 = 2.0 * (np.log(e) - lo) / max(hi - lo, 1e-12) - 1.0
+    particles = list(pre.particles) if len(pre.particles) > 1 else [None]
+    codes = np.asarray(pdg).reshape(-1) if pdg is not None else None
+    if particles[0] is not None and codes is None:
+        raise TrainError("response template: the data hold several particles; give their codes")
+    k_out = np.zeros((len(particles), knots), np.float32)
+    v_out = np.zeros((len(particles), knots, 2 + n_layers + geometry.n_voxels), np.float32)
+    for p, code in enumerate(particles):
+        sel = np.flatnonzero(codes == code) if code is not None else np.arange(len(e))
+        if len(sel) < 2 * knots:
+            raise TrainError(f"response template: {len(sel)} training events of particle {code}, "
+                             f"too few for {knots} knots")  # fmt: skip
+        edges = np.quantile(c0[sel], np.linspace(0, 1, knots + 1))
+        which = np.clip(np.searchsorted(edges, c0[sel], side="right") - 1, 0, knots - 1)
+        for k in range(knots):
+            rows = sel[which == k]
+            sh = np.asarray(showers[rows], dtype=np.float64)
+            layer = sh @ member
+            total = layer.sum(axis=1)
+            ok = total > 0
+            lt = np.log(total[ok] / e[rows][ok])
+            layer_share = (layer[ok] / total[ok, None]).mean(axis=0)
+            vox = sh[ok] / np.maximum(layer[ok][:, layer_index], 1e-300)
+            vox_share = np.where(layer[ok][:, layer_index] > 0, vox, 0.0).mean(axis=0)
+            k_out[p, k] = np.median(c0[rows])
+            v_out[p, k, 0] = lt.mean() if ok.any() else 0.0
+            v_out[p, k, 1] = np.log(max(lt.std(), 1e-3)) if ok.sum() > 1 else 0.0
+            v_out[p, k, 2 : 2 + n_layers] = np.log(np.maximum(layer_share, 1e-12))
+            v_out[p, k, 2 + n_layers :] = np.log(np.maximum(vox_share, 1e-12))
+        # strictly increasing knots, for the interpolation
+        k_out[p] = np.maximum.accumulate(k_out[p] + np.arange(knots) * 1e-6)
+    return {"knots": k_out, "values": v_out}
+
+
+def critic_physics(
+    pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray, threshold_mev: float | None = None
+) -> dict[str, Any]:
+    """The arrays of the critic's physics inputs (:class:`surrogate.models.ShowerSums`,
+    :class:`~surrogate.models.ShowerShape`, :class:`~surrogate.models.ReadoutThreshold`) for this
+    preprocessing, geometry and training sample.
+
+    showers (N, V) MeV, energies (N, 1) MeV; the centring of the log layer and total energies and
+    the spread of the shape features are fitted on them. ``threshold_mev``: the readout threshold
+    the data were written with (the ingest attribute); None: the smallest positive voxel energy.
+    """
+    from surrogate.models import ShowerShape, ShowerSums
 
     layer_index, _, _ = geometry.voxel_centres()
     member = np.zeros((geometry.n_voxels, len(geometry.active_layers)), dtype=np.float32)
     member[np.arange(geometry.n_voxels), layer_index] = 1.0
-    u = np.asarray(showers, dtype=np.float32) / np.asarray(energies, dtype=np.float32).reshape(-1, 1)
+    e = np.asarray(energies, dtype=np.float32).reshape(-1, 1)
+    u = np.asarray(showers, dtype=np.float32) / e
     sums = u @ member
     feats = np.log(np.concatenate([sums, sums.sum(axis=1, keepdims=True)], axis=1) + ShowerSums.DELTA)
-    return {"transform": pre.voxel_transform, "epsilon": pre.epsilon, "shift": pre.mean, "scale": pre.std,
-            "member": member, "feat_mean": feats.mean(axis=0)}  # fmt: skip
+    if threshold_mev is None:
+        positive = np.asarray(showers)[np.asarray(showers) > 0]
+        threshold_mev = float(positive.min()) if positive.size else 1e-3
+    vx, vy = geometry.voxel_xy()
+    info = {
+        "transform": pre.voxel_transform, "epsilon": pre.epsilon, "logit_alpha": pre.logit_alpha,
+        "shift": pre.mean, "scale": pre.std, "member": member, "feat_mean": feats.mean(axis=0),
+        "threshold_mev": float(threshold_mev), "log_e_range": [float(np.log(v)) for v in pre.energy_range_mev],
+        "vx": vx.astype(np.float32), "vy": vy.astype(np.float32),
+    }  # fmt: skip
+    # the shape features' spread, through the module itself (unit scaling) on the real showers
+    n_out = 5 * member.shape[1]
+    probe = ShowerShape({**info, "shape_mean": np.zeros(n_out), "shape_std": np.ones(n_out)}, 1.0)
+    lo, hi = info["log_e_range"]
+    c0 = torch.from_numpy((2.0 * (np.log(e) - lo) / max(hi - lo, 1e-12) - 1.0).astype(np.float32))
+    x = torch.from_numpy(pre.transform_showers(showers, energies))
+    with torch.no_grad():
+        raw = torch.cat([probe.raw(x[i : i + 8192], c0[i : i + 8192]) for i in range(0, len(x), 8192)]).double()
+    std = raw.std(dim=0).numpy() if len(raw) > 1 else np.ones(n_out)
+    info["shape_mean"] = raw.mean(dim=0).numpy() if len(raw) else np.zeros(n_out)
+    info["shape_std"] = np.where(std > 1e-6, std, 1.0)  # constant features (e.g. y of a one-bin layer) stay 0
+    return info
 
 
 # --------------------------------------------------------------------------- data
@@ -455,7 +547,10 @@ def load_split(path: str | Path, split: str) -> dict[str, np.ndarray]:
 def _dataset_attrs(path: Path) -> dict[str, Any]:
     try:
         with h5py.File(path, "r") as f:
-            return {k: json.loads(f.attrs[k]) for k in ("geometry", "preprocessing", "condition_names")}
+            out = {k: json.loads(f.attrs[k]) for k in ("geometry", "preprocessing", "condition_names")}
+            if "readout_threshold_mev" in f.attrs:  # written by ingest (the data's readout threshold)
+                out["readout_threshold_mev"] = float(f.attrs["readout_threshold_mev"])
+            return out
     except KeyError as exc:
         raise TrainError(f"{path}: missing root attribute {exc} (written by surrogate.ingest)") from exc
     except OSError as exc:
@@ -592,7 +687,8 @@ def _run(cfg: dict[str, Any], dataset: Path, out: Path, device: torch.device, ra
         raise TrainError(f"{dataset}: the train split is empty")
     x = torch.from_numpy(pre.transform_showers(tr["showers"], tr["incident_energies"])).to(device)
     c = torch.from_numpy(np.asarray(tr["conditions"], dtype=np.float32)).to(device)
-    mcfg, head, physics = model_parts(tcfg, pre, geometry, tr["showers"], tr["incident_energies"])
+    mcfg, head, physics = model_parts(tcfg, pre, geometry, tr["showers"], tr["incident_energies"],
+                                      attrs.get("readout_threshold_mev"), tr["incident_pdg"])  # fmt: skip
     del tr
     state = TrainState(mcfg, loop_settings_from(tcfg, precision), device, int(cfg["seed"]), rank, world, head,
                        physics)  # fmt: skip
@@ -687,7 +783,8 @@ class _Trainer:
                                        self.ev["incident_energies"])  # fmt: skip
         ev, t = self.ev, self.tcfg
         return physics_score(ev["showers"], gen, ev["incident_energies"], self.geometry, ev["incident_pdg"],
-                             t["eval_energy_bins"], t["eval_hist_bins"])  # fmt: skip
+                             t["eval_energy_bins"], t["eval_hist_bins"], t["eval_shape"],
+                             float(self.attrs.get("readout_threshold_mev", 0.0)))  # fmt: skip
 
     def consider(self, step: int) -> dict[str, float]:
         """Score the EMA generator; keep its weights when it is the best so far."""

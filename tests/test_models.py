@@ -11,6 +11,8 @@ from surrogate.models import (
     LayeredHead,
     ModelConfig,
     ModelError,
+    ReadoutThreshold,
+    ShowerShape,
     ShowerSums,
     build_models,
     head_info,
@@ -143,9 +145,10 @@ def test_physics_critic_embeds_the_sums_and_refuses_bad_setups(fitted):
     torch.manual_seed(3)
     G, D = build_models(cfg, info, physics)
     x = G(torch.randn(5, 4), torch.zeros(5, 1))
-    assert D.embed(x).shape == (5, 7 + 3) and D(x, torch.zeros(5, 1)).shape == (5,)
-    assert torch.equal(D(x, torch.zeros(5, 1)), D.score(D.embed(x), torch.zeros(5, 1)))
-    with pytest.raises(ModelError, match="needs the preprocessing"):
+    c = torch.zeros(5, 1)
+    assert D.embed(x, c).shape == (5, 7 + 3) and D(x, c).shape == (5,)
+    assert torch.equal(D(x, c), D.score(D.embed(x, c), c))
+    with pytest.raises(ModelError, match="physics inputs need the preprocessing"):
         build_models(cfg, info, None)
     with pytest.raises(ModelError, match="needs the preprocessing"):
         build_models(ModelConfig(**{**cfg.to_dict(), "critic_physics_weight": 0.0}), None, None)
@@ -191,3 +194,96 @@ def test_symmetric_generator_spreads_orientations_and_stays_seeded(fitted):
     assert abs(half_ratio(plain) - 1) > 0.02  # the same network without it: measured 0.966
     with pytest.raises(ModelError, match="symmetry needs output 'layered'"):
         ModelConfig(n_voxels=7, cond_dim=1, symmetry="rotate")
+
+
+def _conditions(pre, energies):
+    """The first condition column (log E scaled to [-1, 1]) as the preprocessing writes it, (N, 1)."""
+    return torch.from_numpy(pre.transform_conditions(energies))
+
+
+def test_shower_shape_is_the_validation_features(fitted):
+    """Centroids and widths equal surrogate.features' (known answer); soft hits follow the sparsity."""
+    from surrogate.features import compute_features
+
+    pre, showers, energies = fitted
+    info = critic_physics(pre, GEOM, showers, energies, threshold_mev=1e-3)
+    shape = ShowerShape(info, weight=2.0)
+    x, c = torch.from_numpy(pre.transform_showers(showers, energies)), _conditions(pre, energies)
+    raw = shape.raw(x, c).double().numpy()
+    f = compute_features(showers, energies, GEOM, threshold=1e-3)
+    for j, layer in enumerate((0, 2)):
+        np.testing.assert_allclose(raw[:, j], f[f"centre_x_{layer}"], rtol=1e-3, atol=1e-2)
+        np.testing.assert_allclose(raw[:, 2 + j], f[f"centre_y_{layer}"], rtol=1e-3, atol=1e-2)
+        has = f[f"width_x_{layer}"] > 1.0
+        wx = np.sqrt(np.maximum(raw[:, 4 + j] ** 2 - ShowerShape.VAR_FLOOR, 0))
+        np.testing.assert_allclose(wx[has], f[f"width_x_{layer}"][has], rtol=2e-3)
+        # hits far above the threshold count fully, empty voxels not at all
+        assert np.corrcoef(raw[:, 8 + j], f[f"sparsity_{layer}"])[0, 1] > 0.95
+    out = shape(x, c).numpy()  # standardised on the same sample, times the weight
+    np.testing.assert_allclose(out.mean(axis=0), 0.0, atol=1e-3)
+    spread = out.std(axis=0, ddof=1)
+    assert np.allclose(spread[spread > 0.1], 2.0, rtol=1e-2) and (spread > 0.1).sum() == 6  # x of the 2-bin layer is 0
+
+
+def test_readout_threshold_zeroes_faint_voxels_and_passes_gradients(fitted):
+    pre, showers, energies = fitted
+    info = critic_physics(pre, GEOM, showers, energies, threshold_mev=1.0)
+    thr = ReadoutThreshold(info)
+    e = np.full((2, 1), 1e4, dtype=np.float32)
+    mev = np.array([[0.5, 2.0, 0, 0, 0, 300.0, 0.99], [1.01, 0, 0, 0, 0, 0, 50.0]], dtype=np.float32)
+    x = torch.from_numpy(pre.transform_showers(mev, e)).requires_grad_(True)
+    y = thr(x, _conditions(pre, e))
+    back = pre.inverse_showers(y.detach().numpy(), e)
+    expected = np.where(mev >= 1.0, mev, 0.0)
+    np.testing.assert_allclose(back, expected, rtol=1e-3, atol=1e-6)
+    y.sum().backward()  # straight through: every voxel, cut or not, gets the gradient
+    assert torch.equal(x.grad, torch.ones_like(x))
+    # real showers were read out with the threshold: unchanged
+    real = torch.from_numpy(pre.transform_showers(np.where(showers >= 1.0, showers, 0), energies))
+    assert torch.equal(thr(real, _conditions(pre, energies)), real)
+
+
+def test_critic_with_shape_and_threshold_embeds_them(fitted):
+    pre, showers, energies = fitted
+    cfg, info = _layered(pre, critic_physics_weight=1.0, critic_shape_weight=3.0, critic_threshold=True)
+    torch.manual_seed(5)
+    G, D = build_models(cfg, info, critic_physics(pre, GEOM, showers, energies))
+    c = _conditions(pre, energies[:6])
+    x = G(torch.randn(6, 4), c)
+    assert D.embed(x, c).shape == (6, 7 + 3 + 5 * 2) and D(x, c).shape == (6,)
+    loss = D(x, c).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in G.parameters())
+
+
+def test_response_template_is_the_mean_shower_and_loads_with_the_generator(tmp_path, fitted):
+    """With zero raw outputs the layered head gives the fitted template: exp(mean log response) and
+    the mean layer shares; its buffers travel in the checkpoint, so a loaded generator is the same."""
+    from surrogate.train import response_template
+
+    pre, showers, energies = fitted
+    tpl = response_template(pre, GEOM, showers, energies, None, knots=4)
+    assert tpl["knots"].shape == (1, 4) and tpl["values"].shape == (1, 4, 2 + 2 + 7)
+    assert np.all(np.diff(tpl["knots"][0]) > 0)
+    cfg, info = _layered(pre, template_knots=4)
+    head = LayeredHead({**info, "template": tpl}, template_knots=4)
+    c = _conditions(pre, energies)
+    out = pre.inverse_showers(head(torch.zeros(len(c), head.n_in), None, c).detach().numpy(), energies)
+    # at a knot the template is that knot's values exactly
+    at = np.argmin(np.abs(c[:, 0].numpy()[:, None] - tpl["knots"][0][None, :]), axis=0)
+    u = out[at].astype(np.float64) / energies[at]
+    np.testing.assert_allclose(np.log(u.sum(axis=1)), tpl["values"][0, :, 0], atol=0.02)
+    share0 = np.exp(tpl["values"][0, :, 2])
+    np.testing.assert_allclose(u[:, :4].sum(axis=1) / u.sum(axis=1), share0 / (share0 + np.exp(tpl["values"][0, :, 3])),
+                               rtol=1e-3)  # fmt: skip
+    torch.manual_seed(6)
+    G, _ = build_models(cfg, {**info, "template": tpl})
+    path = tmp_path / "generator.pt"
+    torch.save({"format_version": FORMAT_VERSION, "model_config": cfg.to_dict(), "ema_state_dict": G.state_dict(),
+                "preprocessing": pre.to_dict(), "condition_names": pre.condition_names, "geometry": GEOM.to_dict(),
+                "step": 1}, path)  # fmt: skip
+    G2, _ = load_generator(path)
+    z = torch.randn(8, 4)
+    assert torch.equal(G.eval()(z, c[:8]), G2(z, c[:8]))
+    with pytest.raises(ModelError, match="template_knots"):
+        ModelConfig(**{**cfg.to_dict(), "template_knots": 1})
