@@ -92,8 +92,10 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2
 # keys of the train section that may change between a checkpoint and a rerun without
 # invalidating it (how long / how often / where / what to do on trouble, not what is trained)
-_RESUMABLE_KEYS = ("steps", "max_minutes", "threads", "log_every", "checkpoint_every", "eval_every",
-                   "eval_events", "eval_shape", "on_nonfinite", "max_rollbacks", "on_incompatible_checkpoint")  # fmt: skip
+_RESUMABLE_KEYS = (
+    "steps", "max_minutes", "threads", "log_every", "checkpoint_every", "eval_every", "eval_events", "eval_shape",
+    "on_nonfinite", "max_rollbacks", "on_incompatible_checkpoint",
+)  # fmt: skip
 
 
 
