@@ -141,7 +141,7 @@ def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> Mo
         critic_layernorm=d["layernorm"], spectral_norm=d["spectral_norm"], minibatch_std=d["minibatch_std"],
         output=g["output"], symmetry=g["symmetry"], critic_physics_weight=float(d["physics_weight"]),
         critic_shape_weight=float(d["shape_weight"]), critic_threshold=bool(d["threshold"]),
-        template_knots=int(g["template_knots"]),
+        template_knots=int(g["template_knots"]), critic_physics_knots=int(d["physics_knots"]),
     )  # fmt: skip
 
 
@@ -419,8 +419,48 @@ def model_parts(
     if head is not None and mcfg.template_knots:
         head["template"] = response_template(pre, geometry, showers, energies, pdg, mcfg.template_knots)
     wants = mcfg.critic_physics_weight > 0 or mcfg.critic_shape_weight > 0 or mcfg.critic_threshold
-    physics = critic_physics(pre, geometry, showers, energies, threshold_mev) if wants else None
+    physics = (critic_physics(pre, geometry, showers, energies, threshold_mev, pdg, mcfg.critic_physics_knots)
+               if wants else None)  # fmt: skip
     return mcfg, head, physics
+
+
+def _knot_groups(
+    pre: Any, energies: np.ndarray, pdg: np.ndarray | None, knots: int
+) -> tuple[np.ndarray, list[list[np.ndarray]], np.ndarray]:
+    """Rows of each (particle, energy knot) of a training sample, for the per-condition tables.
+
+    Per particle (in ``pre.particles`` order; one group when there is one particle), the events
+    are cut into ``knots`` quantile bins of log E. Returns the scaled log E of every event (the
+    first condition column), the row indices per particle and bin, and the knots (P, K): each
+    bin's median scaled log E, made strictly increasing.
+    """
+    e = np.asarray(energies, dtype=np.float64).reshape(-1)
+    lo, hi = (float(np.log(v)) for v in pre.energy_range_mev)
+    c0 = 2.0 * (np.log(e) - lo) / max(hi - lo, 1e-12) - 1.0
+    particles = list(pre.particles) if len(pre.particles) > 1 else [None]
+    codes = np.asarray(pdg).reshape(-1) if pdg is not None else None
+    if particles[0] is not None and codes is None:
+        raise TrainError("per-condition tables: the data hold several particles; give their codes")
+    groups, k_out = [], np.zeros((len(particles), knots), np.float32)
+    for p, code in enumerate(particles):
+        sel = np.flatnonzero(codes == code) if code is not None else np.arange(len(e))
+        if len(sel) < 2 * knots:
+            raise TrainError(f"per-condition tables: {len(sel)} training events of particle {code}, "
+                             f"too few for {knots} knots")  # fmt: skip
+        edges = np.quantile(c0[sel], np.linspace(0, 1, knots + 1))
+        which = np.clip(np.searchsorted(edges, c0[sel], side="right") - 1, 0, knots - 1)
+        groups.append([sel[which == k] for k in range(knots)])
+        k_out[p] = [np.median(c0[rows]) for rows in groups[-1]]
+        k_out[p] = np.maximum.accumulate(k_out[p] + np.arange(knots) * 1e-6)
+    return c0, groups, k_out
+
+
+def _layer_member(geometry: Any) -> np.ndarray:
+    """(V, L) float32: 1 where voxel v lies in active layer l."""
+    layer_index, _, _ = geometry.voxel_centres()
+    member = np.zeros((geometry.n_voxels, len(geometry.active_layers)), dtype=np.float32)
+    member[np.arange(geometry.n_voxels), layer_index] = 1.0
+    return member
 
 
 def response_template(
@@ -428,54 +468,47 @@ def response_template(
 ) -> dict[str, np.ndarray]:
     """Fit :class:`surrogate.models.ResponseTemplate` on training showers (N, V) MeV, energies (N, 1) MeV.
 
-    Per particle (in ``pre.particles`` order), the events are cut into ``knots`` quantile bins of
-    log E; each knot sits at its bin's median (in the scaled log E of the first condition
-    column) and holds the mean and log standard deviation of log(E_dep / E_inc), the log of the
-    mean layer shares of E_dep and the log of the mean voxel shares of their layer (floored at
-    1e-12). Returns ``{"knots": (P, K), "values": (P, K, 2 + L + V)}`` float32.
+    Per particle and energy knot (:func:`_knot_groups`): the mean and log standard deviation of
+    log(E_dep / E_inc), the log of the mean layer shares of E_dep and the log of the mean voxel
+    shares of their layer (floored at 1e-12). Returns ``{"knots": (P, K), "values": (P, K, 2 + L + V)}``.
     """
-    layer_index, _, _ = geometry.voxel_centres()
-    n_layers = len(geometry.active_layers)
-    member = np.zeros((geometry.n_voxels, n_layers))
-    member[np.arange(geometry.n_voxels), layer_index] = 1.0
+    member = _layer_member(geometry).astype(np.float64)
+    layer_index = np.argmax(member, axis=1)
     e = np.asarray(energies, dtype=np.float64).reshape(-1)
-    lo, hi = (float(np.log(v)) for v in pre.energy_range_mev)
-    c0 = 2.0 * (np.log(e) - lo) / max(hi - lo, 1e-12) - 1.0
-    particles = list(pre.particles) if len(pre.particles) > 1 else [None]
-    codes = np.asarray(pdg).reshape(-1) if pdg is not None else None
-    if particles[0] is not None and codes is None:
-        raise TrainError("response template: the data hold several particles; give their codes")
-    k_out = np.zeros((len(particles), knots), np.float32)
-    v_out = np.zeros((len(particles), knots, 2 + n_layers + geometry.n_voxels), np.float32)
-    for p, code in enumerate(particles):
-        sel = np.flatnonzero(codes == code) if code is not None else np.arange(len(e))
-        if len(sel) < 2 * knots:
-            raise TrainError(f"response template: {len(sel)} training events of particle {code}, "
-                             f"too few for {knots} knots")  # fmt: skip
-        edges = np.quantile(c0[sel], np.linspace(0, 1, knots + 1))
-        which = np.clip(np.searchsorted(edges, c0[sel], side="right") - 1, 0, knots - 1)
-        for k in range(knots):
-            rows = sel[which == k]
+    _, groups, k_out = _knot_groups(pre, energies, pdg, knots)
+    v_out = np.zeros((*k_out.shape, 2 + member.shape[1] + geometry.n_voxels), np.float32)
+    for p, rows_per_knot in enumerate(groups):
+        for k, rows in enumerate(rows_per_knot):
             sh = np.asarray(showers[rows], dtype=np.float64)
             layer = sh @ member
             total = layer.sum(axis=1)
             ok = total > 0
             lt = np.log(total[ok] / e[rows][ok])
             layer_share = (layer[ok] / total[ok, None]).mean(axis=0)
-            vox = sh[ok] / np.maximum(layer[ok][:, layer_index], 1e-300)
-            vox_share = np.where(layer[ok][:, layer_index] > 0, vox, 0.0).mean(axis=0)
-            k_out[p, k] = np.median(c0[rows])
+            per_voxel_layer = layer[ok][:, layer_index]
+            vox_share = np.where(per_voxel_layer > 0, sh[ok] / np.maximum(per_voxel_layer, 1e-300), 0.0).mean(axis=0)
             v_out[p, k, 0] = lt.mean() if ok.any() else 0.0
             v_out[p, k, 1] = np.log(max(lt.std(), 1e-3)) if ok.sum() > 1 else 0.0
-            v_out[p, k, 2 : 2 + n_layers] = np.log(np.maximum(layer_share, 1e-12))
-            v_out[p, k, 2 + n_layers :] = np.log(np.maximum(vox_share, 1e-12))
-        # strictly increasing knots, for the interpolation
-        k_out[p] = np.maximum.accumulate(k_out[p] + np.arange(knots) * 1e-6)
+            v_out[p, k, 2 : 2 + member.shape[1]] = np.log(np.maximum(layer_share, 1e-12))
+            v_out[p, k, 2 + member.shape[1] :] = np.log(np.maximum(vox_share, 1e-12))
+    return {"knots": k_out, "values": v_out}
+
+
+def _sums_table(pre: Any, feats: np.ndarray, energies: np.ndarray, pdg: np.ndarray | None, knots: int) -> dict:
+    """Per-condition mean and log std of the critic's log energies (N, F): ``{"knots", "values" (P, K, 2F)}``."""
+    _, groups, k_out = _knot_groups(pre, energies, pdg, knots)
+    v_out = np.zeros((*k_out.shape, 2 * feats.shape[1]), np.float32)
+    for p, rows_per_knot in enumerate(groups):
+        for k, rows in enumerate(rows_per_knot):
+            f = feats[rows].astype(np.float64)
+            v_out[p, k, : feats.shape[1]] = f.mean(axis=0)
+            v_out[p, k, feats.shape[1] :] = np.log(np.maximum(f.std(axis=0), 1e-3))
     return {"knots": k_out, "values": v_out}
 
 
 def critic_physics(
-    pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray, threshold_mev: float | None = None
+    pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray, threshold_mev: float | None = None,
+    pdg: np.ndarray | None = None, knots: int = 0,
 ) -> dict[str, Any]:
     """The arrays of the critic's physics inputs (:class:`surrogate.models.ShowerSums`,
     :class:`~surrogate.models.ShowerShape`, :class:`~surrogate.models.ReadoutThreshold`) for this
@@ -484,12 +517,11 @@ def critic_physics(
     showers (N, V) MeV, energies (N, 1) MeV; the centring of the log layer and total energies and
     the spread of the shape features are fitted on them. ``threshold_mev``: the readout threshold
     the data were written with (the ingest attribute); None: the smallest positive voxel energy.
+    ``knots`` > 0: the log energies' per-condition table too (needs ``pdg`` with several particles).
     """
     from surrogate.models import ShowerShape, ShowerSums
 
-    layer_index, _, _ = geometry.voxel_centres()
-    member = np.zeros((geometry.n_voxels, len(geometry.active_layers)), dtype=np.float32)
-    member[np.arange(geometry.n_voxels), layer_index] = 1.0
+    member = _layer_member(geometry)
     e = np.asarray(energies, dtype=np.float32).reshape(-1, 1)
     u = np.asarray(showers, dtype=np.float32) / e
     sums = u @ member
@@ -502,8 +534,10 @@ def critic_physics(
         "transform": pre.voxel_transform, "epsilon": pre.epsilon, "logit_alpha": pre.logit_alpha,
         "shift": pre.mean, "scale": pre.std, "member": member, "feat_mean": feats.mean(axis=0),
         "threshold_mev": float(threshold_mev), "log_e_range": [float(np.log(v)) for v in pre.energy_range_mev],
-        "vx": vx.astype(np.float32), "vy": vy.astype(np.float32),
+        "vx": vx.astype(np.float32), "vy": vy.astype(np.float32), "n_particles": max(len(pre.particles), 1),
     }  # fmt: skip
+    if knots:
+        info["sums_table"] = _sums_table(pre, feats, energies, pdg, knots)
     # the shape features' spread, through the module itself (unit scaling) on the real showers
     n_out = 5 * member.shape[1]
     probe = ShowerShape({**info, "shape_mean": np.zeros(n_out), "shape_std": np.ones(n_out)}, 1.0)
