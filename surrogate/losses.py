@@ -35,18 +35,23 @@ def gradient_penalty(
     conditions: torch.Tensor,
     lam: float = 10.0,
     generator: torch.Generator | None = None,
+    pack: int = 1,
 ) -> torch.Tensor:
     """λ · E[(‖∇ₓ D(x̂, c)‖₂ − 1)²] at x̂ = a·real + (1 − a)·fake, a ~ U(0, 1) per sample.
 
     real, fake: (B, V); conditions: (B, C), the SAME for both (they are not interpolated: the
     penalty constrains D as a function of x at fixed c). ``generator`` draws ``a`` (on the CPU,
-    so runs are reproducible across devices). Returns a scalar with a graph for backward.
+    so runs are reproducible across devices). ``pack`` > 1: the critic scores packs of that many
+    consecutive samples (PacGAN); a pack is one point of the critic's input space, so it shares
+    one ``a`` and its gradient norm is taken over the whole pack. Returns a scalar with a graph.
     """
-    a = torch.rand((real.shape[0], 1), generator=generator).to(device=real.device, dtype=real.dtype)
+    n = real.shape[0] // pack
+    a = torch.rand((n, 1), generator=generator).repeat_interleave(pack, dim=0)
+    a = a.to(device=real.device, dtype=real.dtype)
     x_hat = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
     scores = critic(x_hat, conditions)
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    norm = grad.float().flatten(1).norm(2, dim=1)
+    norm = grad.float().reshape(n, -1).norm(2, dim=1)
     return lam * ((norm - 1.0) ** 2).mean()
 
 

@@ -67,10 +67,11 @@ class ModelConfig:
     critic_shape_weight: float = 0.0  # > 0: ... and per-layer centroids, widths and soft hit fractions, x this weight
     critic_threshold: bool = False  # the critic sees showers with the readout threshold applied (as generate writes)
     template_knots: int = 0  # > 0 (layered only): G corrects a fitted per-condition mean shower (ResponseTemplate)
+    critic_pack: int = 1  # the critic scores packs of this many showers together (PacGAN), against mode dropping
     critic_physics_knots: int = 0  # > 0: the critic's log energies are standardised per condition (fitted at these knots)
 
     def __post_init__(self) -> None:
-        for name in ("n_voxels", "cond_dim", "z_dim", "g_width", "g_depth", "d_width", "d_depth"):
+        for name in ("n_voxels", "cond_dim", "z_dim", "g_width", "g_depth", "d_width", "d_depth", "critic_pack"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "cond_dim" else 1):
                 raise ModelError(f"model config: {name} must be a positive integer, got {value!r}")
@@ -483,7 +484,7 @@ class Critic(nn.Module):
         if cfg.critic_threshold:
             self.threshold = ReadoutThreshold(physics)
         n_extra = (self.sums.n_out if self.sums else 0) + (self.shape.n_out if self.shape else 0)
-        n_in = cfg.n_voxels + n_extra + cfg.cond_dim + (1 if cfg.minibatch_std else 0)
+        n_in = cfg.critic_pack * (cfg.n_voxels + n_extra + cfg.cond_dim) + (1 if cfg.minibatch_std else 0)
         layers: list[nn.Module] = []
         for _ in range(cfg.d_depth):
             layers.append(wrap(nn.Linear(n_in, cfg.d_width)))
@@ -506,15 +507,25 @@ class Critic(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def score(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Score embedded showers ``a`` (B, embedded width) at conditions ``c`` (B, C) -> (B,)."""
-        parts = [a, c]
+        """Score embedded showers ``a`` (B, embedded width) at conditions ``c`` (B, C) -> (B / pack,).
+
+        With ``critic_pack`` = m > 1, each m consecutive showers (with their conditions) are one
+        input, and one score (PacGAN, Lin et al. 2018): a generator that drops a mode makes packs
+        whose members are too alike, which a critic that sees several at once can tell. B must be
+        a multiple of m.
+        """
+        m = self.cfg.critic_pack
+        if len(a) % m:
+            raise ModelError(f"critic: a batch of {len(a)} showers is not a whole number of packs of {m}")
+        x = torch.cat([a, c.to(a.dtype)], dim=1).reshape(len(a) // m, -1)
         if self.cfg.minibatch_std:
             # a collapsed generator has a small spread across the batch: let the critic see it
             std = a.float().std(dim=0, unbiased=False).mean() if len(a) > 1 else a.new_zeros(())
-            parts.append(std.to(a.dtype).expand(len(a), 1))
-        return self.net(torch.cat(parts, dim=1)).squeeze(1)
+            x = torch.cat([x, std.to(x.dtype).expand(len(x), 1)], dim=1)
+        return self.net(x).squeeze(1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, V) at (B, C) -> (B / critic_pack,) scores."""
         return self.score(self.embed(x, c), c)
 
 

@@ -141,7 +141,7 @@ def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> Mo
         critic_layernorm=d["layernorm"], spectral_norm=d["spectral_norm"], minibatch_std=d["minibatch_std"],
         output=g["output"], symmetry=g["symmetry"], critic_physics_weight=float(d["physics_weight"]),
         critic_shape_weight=float(d["shape_weight"]), critic_threshold=bool(d["threshold"]),
-        template_knots=int(g["template_knots"]), critic_physics_knots=int(d["physics_knots"]),
+        template_knots=int(g["template_knots"]), critic_physics_knots=int(d["physics_knots"]), critic_pack=int(d["pack"]),
     )  # fmt: skip
 
 
@@ -177,6 +177,9 @@ class TrainState:
         head: dict[str, Any] | None = None,
         physics: dict[str, Any] | None = None,
     ) -> None:
+        if settings.batch_size % cfg.critic_pack:
+            raise TrainError(f"train.batch_size {settings.batch_size} is not a multiple of train.critic.pack "
+                             f"{cfg.critic_pack} (the critic scores whole packs)")  # fmt: skip
         torch.manual_seed(seed)  # weight initialisation only (same on every rank); the loop uses self.rng
         self.model_config = cfg
         self.settings = settings
@@ -299,7 +302,8 @@ def train_steps(
                     # the critic's embedding of the showers has no parameters: outside the graph
                     real_a, fake_a = D.embed(real, c), D.embed(fake.float(), c)
                 d_real, d_fake = D.score(real_a, c), D.score(fake_a, c)
-                gp = (gradient_penalty(D.score, real_a, fake_a.float(), c, s.gp_lambda, generator=state.rng)
+                gp = (gradient_penalty(D.score, real_a, fake_a.float(), c, s.gp_lambda, generator=state.rng,
+                                       pack=state.model_config.critic_pack)
                       if s.gp_lambda else torch.zeros((), device=real.device))  # fmt: skip
                 loss_d = critic_loss(d_real, d_fake) + gp
                 if s.drift_epsilon:

@@ -287,3 +287,22 @@ def test_response_template_is_the_mean_shower_and_loads_with_the_generator(tmp_p
     assert torch.equal(G.eval()(z, c[:8]), G2(z, c[:8]))
     with pytest.raises(ModelError, match="template_knots"):
         ModelConfig(**{**cfg.to_dict(), "template_knots": 1})
+
+
+def test_packed_critic_scores_packs_and_its_penalty_is_per_pack():
+    from surrogate.losses import gradient_penalty
+
+    torch.manual_seed(7)
+    cfg = ModelConfig(**{**CFG.to_dict(), "critic_pack": 2})
+    _, D = build_models(cfg)
+    x, c = torch.randn(6, 7), torch.randn(6, 3)
+    assert D(x, c).shape == (3,)
+    # a pack is one input: swapping members of a pack changes its score, not the others'
+    swapped = x[[1, 0, 2, 3, 4, 5]]
+    cs = c[[1, 0, 2, 3, 4, 5]]
+    d0, d1 = D(x, c), D(swapped, cs)
+    assert not torch.allclose(d0[0], d1[0]) and torch.equal(d0[1:], d1[1:])
+    gp = gradient_penalty(D, x, torch.randn(6, 7), c, lam=1.0, generator=torch.Generator().manual_seed(0), pack=2)
+    assert gp.ndim == 0 and torch.isfinite(gp)
+    with pytest.raises(ModelError, match="packs of 2"):
+        D(x[:5], c[:5])
