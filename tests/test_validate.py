@@ -354,3 +354,64 @@ def test_failed_reader_process_falls_back(dataset, independent, tmp_path: Path, 
     fallback = _run(cfg, dataset, ev, tmp_path / "fallback", None, plots=False, threads=2)
     assert "a reader process failed" in caplog.text and fallback["reader_processes"] == 0
     assert fallback["metrics"] == inline["metrics"]
+
+
+# ----------------------------------------------------------------------------- golden outputs
+
+#: Digests of ``summary.json`` and ``floors.json`` for the recipe below, produced by the code before
+#: surrogate/validate.py became the surrogate.validation package (commit cbb4a72): a refactor must
+#: give the same bytes. Regenerate (after a change meant to alter results) with
+#: ``SURROGATE_UPDATE_GOLDEN=1 pytest tests/test_validate.py -k golden``.
+GOLDEN = Path(__file__).resolve().parent / "data" / "validate_golden.json"
+#: SMALL with per-bin tests (every family runs), on the session fixtures: real = simulate_events(N_REAL,
+#: OVERRIDES, seed=101) split half train / half test, generated = the first 2000 of simulate_events(N_GEN,
+#: OVERRIDES, seed=202); floors with compute_floors(threads=1), the stage with run(threads=1, plots=False).
+GOLDEN_OVERRIDES = [*SMALL, "validate.min_bin_events=100"]
+#: What may differ: wall times, the floors' identity (a hash of the source code, so it changes with
+#: any edit, by design) and the dataset's path (a temporary folder).
+SUMMARY_VOLATILE = ("seconds",)
+FLOORS_VOLATILE = ("seconds", "identity", "dataset")
+
+
+def _canonical(doc: dict[str, Any], volatile: tuple[str, ...], sort_keys: bool = False) -> str:
+    """The JSON text without the volatile fields; key order kept unless ``sort_keys`` (the floors are
+    stored in the order their test families finish, which depends on the thread timing)."""
+    return json.dumps({k: v for k, v in doc.items() if k not in volatile}, indent=2, sort_keys=sort_keys)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _golden_record(summary: dict[str, Any], floors: dict[str, Any]) -> dict[str, Any]:
+    families: dict[str, list[dict[str, Any]]] = {}
+    for m in summary["metrics"]:
+        families.setdefault(m["name"].split("/")[0], []).append(m)
+    return {
+        "recipe": "tests/test_validate.py: GOLDEN_OVERRIDES on the session fixtures dataset and independent[:2000]",
+        "overrides": GOLDEN_OVERRIDES,
+        "summary_sha256": _digest(_canonical(summary, SUMMARY_VOLATILE)),
+        "floors_sha256": _digest(_canonical(floors, FLOORS_VOLATILE, sort_keys=True)),
+        "n_tests": summary["n_tests"],
+        "n_failed": summary["n_failed"],
+        # per test family, to say which one changed
+        "families_sha256": {k: _digest(json.dumps(v)) for k, v in sorted(families.items())},
+        "floor_keys": len(floors["floors"]),
+    }
+
+
+def test_outputs_equal_the_golden_ones(dataset, independent, tmp_path: Path) -> None:
+    """summary.json and floors.json (less wall times, code hash and paths) are those of the recorded run."""
+    cfg = load_config(ROOT_CONFIG, GOLDEN_OVERRIDES)
+    V.compute_floors(cfg, dataset, tmp_path / "floors.json", threads=1)
+    _run(cfg, dataset, {k: v[:2000] for k, v in independent.items()}, tmp_path, None, plots=False, threads=1)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    got = _golden_record(summary, json.loads((tmp_path / "floors.json").read_text()))
+    if os.environ.get("SURROGATE_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=2) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    changed = [k for k in want["families_sha256"] if got["families_sha256"].get(k) != want["families_sha256"][k]]
+    assert got == want, f"test families that changed: {changed}"
