@@ -22,6 +22,8 @@ import pytest
 from surrogate import validate as V
 from surrogate.config import load_config
 from surrogate.simulate import MODE_NAMES, build_params, simulate_events
+from surrogate.validation import families, processes, stage
+from surrogate.validation import floors as VF
 
 N_REAL = 6000  # half train (mode classifier), half test (the reference)
 N_GEN = 6000
@@ -107,6 +109,12 @@ def test_independent_sample_passes(cfg, dataset, independent, reuse, tmp_path: P
     names = {m["name"].split("/")[0] for m in on_disk["metrics"]}
     assert names >= {"separation", "wasserstein", "ks", "response_mean", "resolution", "fpd", "kpd",
                      "classifier_auc", "prdc", "diversity", "mode_fraction"}  # fmt: skip
+    # every registered family is in the verdict, with tests of each of its kinds
+    for family in V.FAMILIES.values():
+        for prefix in family.tests:
+            if prefix != "cluster_occupancy/":  # the fallback without truth modes (tested below)
+                assert any(m["name"].startswith(prefix) for m in on_disk["metrics"]), (family.name, prefix)
+    assert set(V.FAMILIES) <= set(on_disk["seconds"])
     assert on_disk["subsample"]["prdc_events"] > 0
     plots = {p.name for p in (tmp_path / "out" / "plots").glob("*.png")}
     assert {"response.png", "modes.png", "mean_shower_per_layer.png", "training_curves.png"} <= plots
@@ -159,7 +167,7 @@ def test_cli_exit_codes(cfg, dataset, independent, tmp_path: Path, monkeypatch: 
     cfg_path.write_text(Path(__file__).resolve().parents[1].joinpath("config.yaml").read_text())
     argv = ["--config", str(cfg_path), "--dataset", str(dataset), "--generated", str(gen), "--out", str(tmp_path / "o")]
     # the verdict logic only: a FAIL exits 0 unless validate.fail_pipeline
-    monkeypatch.setattr(V, "run", lambda *a, **k: {"verdict": "FAIL"})
+    monkeypatch.setattr(stage, "run", lambda *a, **k: {"verdict": "FAIL"})
     assert V.main(argv) == 0
     assert V.main([*argv, "--set", "validate.fail_pipeline=true"]) == 1
     monkeypatch.undo()
@@ -180,10 +188,39 @@ def test_unusable_input_leaves_no_process_behind(cfg, dataset, tmp_path: Path) -
 
 
 def test_every_registered_metric_is_used() -> None:
-    """The stage walks the metrics registry: a metric added there without a test here is caught."""
+    """The stage walks the metrics registry: a metric added there without a test family using it is caught."""
     from surrogate import metrics as M
 
     assert set(M.METRICS) <= V.USED_METRICS, set(M.METRICS) - V.USED_METRICS
+
+
+#: The test families of the verdict, in the order of summary.json: one left out of the registry fails here.
+EXPECTED_FAMILIES = ("1-D tests", "response", "FPD/KPD", "classifier AUC, features", "classifier AUC, voxels",
+                     "PRDC/diversity", "mode coverage")  # fmt: skip
+
+
+def test_every_family_is_registered_and_run() -> None:
+    from surrogate.validation.families import RUN_ORDER
+
+    assert tuple(V.FAMILIES) == EXPECTED_FAMILIES
+    assert sorted(RUN_ORDER) == sorted(EXPECTED_FAMILIES)
+    with pytest.raises(ValueError, match="registered twice"):
+        families.register("response", metrics=(), tests=())(lambda ctx: ([], {}))
+
+
+def test_floors_rule_hashes_the_code_the_floors_identity_covers() -> None:
+    """The validate_floors rule reruns when the code in the floors' identity changes: same modules, same digest."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    call = re.search(r"code=source_hash\(([^)]*)\)", (root / "workflow" / "rules" / "validate.smk").read_text())
+    assert tuple(re.findall(r'"([\w.]+)"', call.group(1))) == VF.FLOOR_SOURCES
+    common = (root / "workflow" / "rules" / "common.smk").read_text()
+    namespace: dict[str, Any] = {"Path": Path}
+    exec(common[common.index("def source_hash") :], namespace)
+    assert namespace["source_hash"](*VF.FLOOR_SOURCES) == VF.source_digest()
+    package = sorted((root / "surrogate" / "validation").glob("*.py"))
+    assert len(package) > 5 and set(package) <= set(VF.source_files())
 
 
 # small subsamples and no per-bin tests: for tests of bookkeeping, not of statistics
@@ -233,7 +270,7 @@ def test_floors_file_reused_or_recomputed_changes_no_result(dataset, independent
 def test_failed_plotting_process_falls_back(dataset, independent, tmp_path: Path, monkeypatch, caplog) -> None:
     """If the plotting process dies, the plots are drawn in this process: all of them, no error."""
 
-    class Dying(V._Plotter):
+    class Dying(processes.Plotter):
         def __init__(self, separate: bool) -> None:
             super().__init__(False)
             self.pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -242,7 +279,7 @@ def test_failed_plotting_process_falls_back(dataset, independent, tmp_path: Path
     cfg = load_config(ROOT_CONFIG, SMALL)
     ev = {k: v[:2000] for k, v in independent.items()}
     (tmp_path / "h.jsonl").write_text('{"step": 1, "loss_d": 0.5}\n')
-    monkeypatch.setattr(V, "_Plotter", Dying)
+    monkeypatch.setattr(processes, "Plotter", Dying)
     _run(cfg, dataset, ev, tmp_path, None, threads=2, history=tmp_path / "h.jsonl")
     assert "the plotting process failed" in caplog.text
     plots = {p.name for p in (tmp_path / "out" / "plots").glob("*.png")}
@@ -312,7 +349,7 @@ def test_reader_processes_equal_reading_in_line(dataset, independent, tmp_path: 
     processes equal those read in this process, bit for bit; every row is checked, matched or not,
     and a bad value is reported with the file and its rows."""
     path = _write_generated(tmp_path / "events.h5", independent)
-    pool = V._start_readers(2)
+    pool = processes.start_readers(2)
     try:
         inline, workers = _matched(dataset, path, None), _matched(dataset, path, pool)
         assert len(inline.all_energy) > 0.8 * N_GEN and inline.features.shape[0] == 1500
@@ -350,7 +387,7 @@ def test_failed_reader_process_falls_back(dataset, independent, tmp_path: Path, 
         (tmp_path / name).mkdir()
     cfg = load_config(ROOT_CONFIG, SMALL)
     inline = _run(cfg, dataset, ev, tmp_path / "inline", None, plots=False, threads=1)
-    monkeypatch.setattr(V, "_start_readers", dying)
+    monkeypatch.setattr(processes, "start_readers", dying)
     fallback = _run(cfg, dataset, ev, tmp_path / "fallback", None, plots=False, threads=2)
     assert "a reader process failed" in caplog.text and fallback["reader_processes"] == 0
     assert fallback["metrics"] == inline["metrics"]
