@@ -120,6 +120,7 @@ def test_independent_sample_passes(cfg, dataset, independent, reuse, tmp_path: P
     assert {"response.png", "modes.png", "mean_shower_per_layer.png", "training_curves.png"} <= plots
     page = (tmp_path / "out" / "report.html").read_text()
     assert "data:image/png;base64," in page and "PASS" in page
+    assert page.index("<table") == page.index("<table class='scoreboard'")  # the headline numbers first
 
 
 def test_missing_tile_start_pions_fail_mode_coverage(cfg, dataset, independent, reuse, tmp_path: Path) -> None:

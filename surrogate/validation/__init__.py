@@ -50,7 +50,8 @@ Modules (``python -m surrogate.validate`` is the command line):
 - :mod:`~surrogate.validation.suite`: :func:`evaluate`, every family run (in threads);
 - :mod:`~surrogate.validation.floors`: the real-vs-real floors, their identity and file;
 - :mod:`~surrogate.validation.processes`: the reader and plotting processes;
-- :mod:`~surrogate.validation.html`: ``report.html``;
+- :mod:`~surrogate.validation.scoreboard`: the headline numbers of a summary (:func:`headline`);
+- :mod:`~surrogate.validation.html`: ``report.html``, the scoreboard first;
 - :mod:`~surrogate.validation.stage`: :func:`run` and the command line (:func:`main`).
 """
 
@@ -66,6 +67,7 @@ from surrogate.validation.samples import (
     load_real,
     match_rows,
 )
+from surrogate.validation.scoreboard import headline
 from surrogate.validation.stage import main, run
 from surrogate.validation.suite import evaluate
 from surrogate.validation.verdict import Test, apply_holm
@@ -86,6 +88,7 @@ __all__ = [
     "evaluate",
     "apply_holm",
     "compute_floors",
+    "headline",
     "run",
     "main",
 ]

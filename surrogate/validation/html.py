@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render"]
+from surrogate.validation.scoreboard import headline
+
+__all__ = ["render", "scoreboard"]
 
 
 def _fmt(x: Any) -> str:
@@ -26,6 +28,27 @@ def _family_overview(rows: list[dict[str, Any]]) -> str:
         f"<tr class='{'bad' if f else 'ok'}'><td>{html.escape(k)}</td><td>{n}</td><td>{f}</td></tr>"
         for k, (n, f) in sorted(families.items())
     )
+
+
+def scoreboard(summary: dict[str, Any]) -> str:
+    """The headline table (:func:`~surrogate.validation.scoreboard.headline`): each number against its
+    floor and threshold, its row green when it passes, red when it fails."""
+    cells = []
+    for r in headline(summary):
+        if r["name"] == "verdict":
+            value = html.escape(str(summary.get("verdict")))
+        elif r["total"] is not None:
+            value = f"{_fmt(r['value'])} of {_fmt(r['total'])}"
+        else:
+            value = _fmt(r["value"])
+        result = {True: "pass", False: "FAIL", None: ""}[r["passed"]]
+        css = {True: "pass", False: "fail", None: "info"}[r["passed"]]
+        numbers = "".join(f"<td>{_fmt(r[c])}</td>" for c in ("error", "floor", "threshold"))
+        cells.append(
+            f"<tr class='{css}'><td>{html.escape(r['label'])}</td><td>{value}</td>{numbers}<td>{result}</td></tr>"
+        )
+    head = "".join(f"<th>{c}</th>" for c in ("", "value", "error", "floor", "threshold", "result"))
+    return f"<table class='scoreboard'><tr>{head}</tr>{''.join(cells)}</table>"
 
 
 def render(summary: dict[str, Any], plots: list[Path]) -> str:
@@ -46,11 +69,14 @@ def render(summary: dict[str, Any], plots: list[Path]) -> str:
     overview = _family_overview(rows)
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Validation: {summary["verdict"]}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd;font-size:90%}}
-.bad{{background:#fdd}} .ok{{}} img{{max-width:100%}} .PASS{{color:green}} .FAIL{{color:#b00}}</style></head><body>
+.bad{{background:#fdd}} .ok{{}} img{{max-width:100%}} .PASS{{color:green}} .FAIL{{color:#b00}}
+.scoreboard .pass{{background:#dfd}} .scoreboard .fail{{background:#fdd}} .scoreboard td:first-child{{font-weight:bold}}
+</style></head><body>
 <h1>Validation verdict: <span class="{summary["verdict"]}">{summary["verdict"]}</span></h1>
 <p>{len(rows)} tests, {n_fail} failed (Holm-corrected at alpha = {summary["alpha"]}). Generated events in file:
 {summary["generated_events_in_file"]}, condition-matched: {summary["generated_events_matched"]}; real test events:
 {summary["real_events"]}.</p>
+<h2>Scoreboard</h2>{scoreboard(summary)}
 <h2>Test families</h2><table><tr><th>family</th><th>tests</th><th>failed</th></tr>{overview}</table>
 <h2>Subsample sizes</h2><pre>{sizes}</pre>
 <h2>Plots</h2>{imgs}
