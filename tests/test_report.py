@@ -83,6 +83,10 @@ def test_report_to_sqlite_reads_back(results, tmp_path):
     assert sorted(steps) == [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
     assert run.data.metrics["validate.fpd.floor"] == 0.01
     assert run.data.metrics["validate.fpd.passed"] == 0.0
+    # the validation scoreboard as top-level metrics, to sort runs by
+    assert run.data.metrics["headline.verdict"] == 0.0
+    assert (run.data.metrics["headline.n_tests"], run.data.metrics["headline.n_failed"]) == (2.0, 1.0)
+    assert (run.data.metrics["headline.fpd"], run.data.metrics["headline.fpd.floor"]) == (3.0, 0.01)
     assert run.data.metrics["stage_seconds.train"] == 12.5
     assert run.data.metrics["generate.events_per_second"] == 8 / 4.0  # events over the shards' summed seconds
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validate")}
