@@ -29,8 +29,12 @@ N_REAL = 6000  # half train (mode classifier), half test (the reference)
 N_GEN = 6000
 # Fewer energy spots than the default simulator (same physics for real and generated, cheaper); n_boot lowered for
 # speed only (errors are a little noisier, thresholds untouched).
-OVERRIDES = ["simulate.spots.max=1000", "validate.n_boot=10", "validate.subsample.classifier_iterations=30",
-             "validate.subsample.voxel_classifier_events=1500"]
+OVERRIDES = [
+    "simulate.spots.max=1000",
+    "validate.n_boot=10",
+    "validate.subsample.classifier_iterations=30",
+    "validate.subsample.voxel_classifier_events=1500",
+]
 TILE = MODE_NAMES.index("pion_tile_start")
 
 
@@ -107,8 +111,19 @@ def test_independent_sample_passes(cfg, dataset, independent, reuse, tmp_path: P
     for m in on_disk["metrics"]:
         assert set(m) >= {"name", "value", "error", "floor", "threshold", "passed"}
     names = {m["name"].split("/")[0] for m in on_disk["metrics"]}
-    assert names >= {"separation", "wasserstein", "ks", "response_mean", "resolution", "fpd", "kpd",
-                     "classifier_auc", "prdc", "diversity", "mode_fraction"}  # fmt: skip
+    assert names >= {
+        "separation",
+        "wasserstein",
+        "ks",
+        "response_mean",
+        "resolution",
+        "fpd",
+        "kpd",
+        "classifier_auc",
+        "prdc",
+        "diversity",
+        "mode_fraction",
+    }
     # every registered family is in the verdict, with tests of each of its kinds
     for family in V.FAMILIES.values():
         for prefix in family.tests:
@@ -147,8 +162,11 @@ def test_energy_scale_1p05_fails_response(cfg, dataset, independent, reuse, tmp_
 
 def test_collapsed_generator_fails_coverage_and_diversity(cfg, dataset, independent, reuse, tmp_path: Path) -> None:
     e = independent["incident_energies"][:, 0].astype(np.float64)
-    binning = V.Binning(np.asarray(cfg["validate"]["energy_edges_gev"]) * 1000.0,
-                        np.asarray(cfg["validate"]["eta_edges"], float), (22, 211))  # fmt: skip
+    binning = V.Binning(
+        np.asarray(cfg["validate"]["energy_edges_gev"]) * 1000.0,
+        np.asarray(cfg["validate"]["eta_edges"], float),
+        (22, 211),
+    )
     bins = binning.index(e, independent["incident_eta"][:, 0], independent["incident_pdg"][:, 0])
     showers = np.empty_like(independent["showers"])
     for b in np.unique(bins):
@@ -180,8 +198,10 @@ def test_cli_exit_codes(cfg, dataset, independent, tmp_path: Path, monkeypatch: 
 def test_unusable_input_leaves_no_process_behind(cfg, dataset, tmp_path: Path) -> None:
     """A bad generated file (or dataset) is one error naming it; the reader and plotting processes are gone."""
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
-    for data, gen, match in ((dataset, tmp_path / "bad.h5", "bad.h5: cannot open as HDF5"),
-                             (tmp_path / "bad.h5", tmp_path / "bad.h5", "bad.h5: cannot open as HDF5")):  # fmt: skip
+    for data, gen, match in (
+        (dataset, tmp_path / "bad.h5", "bad.h5: cannot open as HDF5"),
+        (tmp_path / "bad.h5", tmp_path / "bad.h5", "bad.h5: cannot open as HDF5"),
+    ):
         with pytest.raises(V.ValidateError, match=match):
             V.run(cfg, data, gen, tmp_path / "out", threads=2)
         assert multiprocessing.active_children() == []
@@ -196,8 +216,15 @@ def test_every_registered_metric_is_used() -> None:
 
 
 #: The test families of the verdict, in the order of summary.json: one left out of the registry fails here.
-EXPECTED_FAMILIES = ("1-D tests", "response", "FPD/KPD", "classifier AUC, features", "classifier AUC, voxels",
-                     "PRDC/diversity", "mode coverage")  # fmt: skip
+EXPECTED_FAMILIES = (
+    "1-D tests",
+    "response",
+    "FPD/KPD",
+    "classifier AUC, features",
+    "classifier AUC, voxels",
+    "PRDC/diversity",
+    "mode coverage",
+)
 
 
 def test_every_family_is_registered_and_run() -> None:
@@ -225,10 +252,16 @@ def test_floors_rule_hashes_the_code_the_floors_identity_covers() -> None:
 
 
 # small subsamples and no per-bin tests: for tests of bookkeeping, not of statistics
-SMALL = [*OVERRIDES, "validate.min_bin_events=1000000", "validate.subsample.classifier_events=300",
-         "validate.subsample.voxel_classifier_events=300", "validate.subsample.fpd_events=300",
-         "validate.subsample.kpd_batch_size=200", "validate.subsample.prdc_events=300",
-         "validate.subsample.mode_classifier_events=500"]  # fmt: skip
+SMALL = [
+    *OVERRIDES,
+    "validate.min_bin_events=1000000",
+    "validate.subsample.classifier_events=300",
+    "validate.subsample.voxel_classifier_events=300",
+    "validate.subsample.fpd_events=300",
+    "validate.subsample.kpd_batch_size=200",
+    "validate.subsample.prdc_events=300",
+    "validate.subsample.mode_classifier_events=500",
+]
 ROOT_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 
 
@@ -238,13 +271,29 @@ def test_floors_file_reused_or_recomputed_changes_no_result(dataset, independent
     another seed (or a damaged one) is not trusted: the stage says so and computes its own."""
     cfg = load_config(ROOT_CONFIG, SMALL)
     floors = tmp_path / "floors.json"
-    assert V.main(["floors", "--config", str(ROOT_CONFIG), *sum((["--set", o] for o in SMALL), []),
-                   "--dataset", str(dataset), "--out", str(floors)]) == 0  # fmt: skip
+    assert (
+        V.main(
+            [
+                "floors",
+                "--config",
+                str(ROOT_CONFIG),
+                *sum((["--set", o] for o in SMALL), []),
+                "--dataset",
+                str(dataset),
+                "--out",
+                str(floors),
+            ]
+        )
+        == 0
+    )
     assert json.loads(floors.read_text())["format"] == V.FLOORS_FORMAT
     first, second = {k: v[:2000] for k, v in independent.items()}, {k: v[2000:4000] for k, v in independent.items()}
     runs = {}
-    for name, ev, kw in (("inline", second, {}), ("file", second, {"floors_path": floors}),
-                         ("workers", second, {"floors_path": floors, "threads": 2})):  # fmt: skip
+    for name, ev, kw in (
+        ("inline", second, {}),
+        ("file", second, {"floors_path": floors}),
+        ("workers", second, {"floors_path": floors, "threads": 2}),
+    ):
         (tmp_path / name).mkdir()
         runs[name] = _run(cfg, dataset, ev, tmp_path / name, None, plots=False, **kw)
     assert runs["inline"]["floors"] == "computed here" and runs["file"]["floors"] == str(floors)
@@ -294,8 +343,10 @@ def test_stage_module_imports_no_heavy_library() -> None:
     """A worker process started the "spawn" way imports the stage's main module again: under
     `python -m surrogate.validate` that is surrogate.validate, which must not drag in scikit-learn,
     scipy or matplotlib (2-3 s of CPU per process)."""
-    code = "import sys, surrogate.validate; print(sorted({m.split('.')[0] for m in sys.modules} & " \
-           "{'sklearn', 'scipy', 'matplotlib', 'torch', 'mlflow'}))"  # fmt: skip
+    code = (
+        "import sys, surrogate.validate; print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'sklearn', 'scipy', 'matplotlib', 'torch', 'mlflow'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -308,8 +359,17 @@ def test_mode_classifier_per_particle() -> None:
     pdg = np.where(np.arange(n) < 400, 22, 211)
     x = rng.normal(size=(n, 3))
     mode = np.where(pdg == 22, (x[:, 0] > 0).astype(int), 2)  # photons: two modes by feature 0; pions: one
-    train = V.RealSample(x, np.full(n, 1e4), np.zeros(n), pdg, mode, np.zeros((n, 1), np.float32), ["a", "b", "c"],
-                         None, ["f0", "f1", "f2"])  # fmt: skip
+    train = V.RealSample(
+        x,
+        np.full(n, 1e4),
+        np.zeros(n),
+        pdg,
+        mode,
+        np.zeros((n, 1), np.float32),
+        ["a", "b", "c"],
+        None,
+        ["f0", "f1", "f2"],
+    )
     clf = V.ModeClassifier(train, n, 30, 1, particles=(22, 211, 11))
     assert clf.models[211] == 2 and not isinstance(clf.models[22], int) and not isinstance(clf.models[11], int)
     test_x = np.array([[2.0, 0, 0], [-2.0, 0, 0], [2.0, 0, 0]])
@@ -340,9 +400,21 @@ def test_without_truth_modes_uses_cluster_occupancy(dataset, independent, tmp_pa
 def _matched(dataset: Path, path: Path, pool: cf.Executor | None, **kw: Any) -> V.GeneratedSample:
     real = V.load_real(dataset, "test")
     binning = V.Binning(np.array([10e3, 100e3]), np.array([0.75]), tuple(int(p) for p in np.unique(real.pdg)))
-    return V.load_generated(path, real.geometry, real.names, binning, binning.index(real.energy, real.eta, real.pdg),
-                            cap=0, feature_events=1500, chunk_events=700, voxel_events=333,
-                            rng=np.random.default_rng(4), pool=pool, workers=2, **kw)  # fmt: skip
+    return V.load_generated(
+        path,
+        real.geometry,
+        real.names,
+        binning,
+        binning.index(real.energy, real.eta, real.pdg),
+        cap=0,
+        feature_events=1500,
+        chunk_events=700,
+        voxel_events=333,
+        rng=np.random.default_rng(4),
+        pool=pool,
+        workers=2,
+        **kw,
+    )
 
 
 def test_reader_processes_equal_reading_in_line(dataset, independent, tmp_path: Path) -> None:
