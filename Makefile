@@ -27,6 +27,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	ruff check .
+	ruff format --check .
 	python -m pytest
 
 bench: $(STAMP)

@@ -74,8 +74,14 @@ def write_rate(block: np.ndarray, rows: int, out_settings: dict, path: Path) -> 
     step = 4096
     t0 = time.perf_counter()
     with h5py.File(path, "w") as f:
-        d = f.create_dataset("showers", shape=(rows, block.shape[1]), dtype=np.float32,
-                             chunks=(chunk, block.shape[1]), track_times=False, **kw)  # fmt: skip
+        d = f.create_dataset(
+            "showers",
+            shape=(rows, block.shape[1]),
+            dtype=np.float32,
+            chunks=(chunk, block.shape[1]),
+            track_times=False,
+            **kw,
+        )
         for i in range(0, rows, step):
             j = i % len(block)
             part = block[j : j + min(step, rows - i)]
@@ -93,8 +99,12 @@ def bf16_check(G, pre, cond: generate.Conditions) -> dict[str, float]:
     res = {}
     for precision in ("fp32", "bf16"):
         latent = torch.Generator().manual_seed(1)
-        parts = [s for _, s in generate.forward_batches(G, pre, cond, batch_size=4096, device=torch.device("cpu"),
-                                                         precision=precision, latent=latent)]  # fmt: skip
+        parts = [
+            s
+            for _, s in generate.forward_batches(
+                G, pre, cond, batch_size=4096, device=torch.device("cpu"), precision=precision, latent=latent
+            )
+        ]
         res[precision] = np.concatenate(parts).sum(axis=1, dtype=np.float64) / cond.energies[:, 0]
     a, b = res["fp32"], res["bf16"]
     ks = ks_2samp(a, b, method="asymp")
@@ -144,10 +154,12 @@ def main() -> None:
         precision = resolve_precision(cfg["generate"]["precision"], torch.device("cpu"))
         result.update(
             precision=precision,
-            forward_eps_fp32=fw["fp32"][0], forward_batch_fp32=fw["fp32"][1],
-            forward_eps_bf16=fw["bf16"][0], forward_batch_bf16=fw["bf16"][1],
+            forward_eps_fp32=fw["fp32"][0],
+            forward_batch_fp32=fw["fp32"][1],
+            forward_eps_bf16=fw["bf16"][0],
+            forward_batch_bf16=fw["bf16"][1],
             forward_eps=fw[precision][0],
-        )  # fmt: skip
+        )
 
         cond = generate.Conditions(ref["incident_energies"], ref["incident_eta"], ref["incident_pdg"])
         result["bf16_check"] = bf16_check(G, pre, cond)
@@ -160,8 +172,12 @@ def main() -> None:
         # filters on realistic (simulated) showers
         block = np.concatenate([ref["showers"]] * max(1, 16384 // len(ref["showers"])))
         result["filters"] = {}
-        for name, comp, shuffle in [("none", "none", False), ("lzf", "lzf", False), ("shuffle+lzf", "lzf", True),
-                                    ("gzip1", "gzip", False)]:  # fmt: skip
+        for name, comp, shuffle in [
+            ("none", "none", False),
+            ("lzf", "lzf", False),
+            ("shuffle+lzf", "lzf", True),
+            ("gzip1", "gzip", False),
+        ]:
             settings = dict(cfg["generate"]["output"], compression=comp, shuffle=shuffle, gzip_level=1)
             eps, ratio = write_rate(block, 65536, settings, tmp / "filter.h5")
             result["filters"][name] = {"write_eps": eps, "compression_ratio": ratio}
@@ -188,10 +204,15 @@ def main() -> None:
             t0 = time.perf_counter()
             simulate_events(n_sim, cfg, np.random.SeedSequence(2), particle=pdg, energy_mev=1e5, eta=0.2)
             sim_eps = n_sim / (time.perf_counter() - t0)
-            fixed = load_config(ROOT / "config.yaml", [
-                "generate.conditions.source=grid", "generate.conditions.grid.energies_gev=[100]",
-                "generate.conditions.grid.eta=[0.2]", f"generate.conditions.grid.particles=[{pdg}]",
-            ])  # fmt: skip
+            fixed = load_config(
+                ROOT / "config.yaml",
+                [
+                    "generate.conditions.source=grid",
+                    "generate.conditions.grid.energies_gev=[100]",
+                    "generate.conditions.grid.eta=[0.2]",
+                    f"generate.conditions.grid.particles=[{pdg}]",
+                ],
+            )
             n_gen = max(args.events // 5, 1000)
             s = generate.run(fixed, ckpt, tmp / f"{name}.h5", events=n_gen, seed=2, dataset=None, progress=False)
             result[f"simulator_eps_100gev_{name}"] = sim_eps
@@ -215,18 +236,37 @@ def random_checkpoint(cfg: dict, ref: dict, path: Path) -> Path:
     from surrogate.preprocess import Preprocessor
     from surrogate.train import model_parts
 
-    pre = Preprocessor.fit(ref["showers"], ref["incident_energies"], ref["incident_eta"], ref["incident_pdg"],
-                           cfg["preprocess"], cfg["ingest"]["particles"])  # fmt: skip
+    pre = Preprocessor.fit(
+        ref["showers"],
+        ref["incident_energies"],
+        ref["incident_eta"],
+        ref["incident_pdg"],
+        cfg["preprocess"],
+        cfg["ingest"]["particles"],
+    )
     geometry = from_config(cfg)
     no_critic_inputs = {"physics_weight": 0.0, "shape_weight": 0.0, "threshold": False}  # only G is saved
-    mc, head, _ = model_parts({**cfg["train"], "critic": {**cfg["train"]["critic"], **no_critic_inputs}}, pre,
-                              geometry, ref["showers"], ref["incident_energies"], pdg=ref["incident_pdg"])  # fmt: skip
+    mc, head, _ = model_parts(
+        {**cfg["train"], "critic": {**cfg["train"]["critic"], **no_critic_inputs}},
+        pre,
+        geometry,
+        ref["showers"],
+        ref["incident_energies"],
+        pdg=ref["incident_pdg"],
+    )
     torch.manual_seed(0)
-    torch.save({
-        "format_version": FORMAT_VERSION, "model_config": mc.to_dict(),
-        "ema_state_dict": Generator(mc, head).state_dict(), "preprocessing": pre.to_dict(),
-        "condition_names": pre.condition_names, "geometry": geometry.to_dict(), "step": 0,
-    }, path)  # fmt: skip
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model_config": mc.to_dict(),
+            "ema_state_dict": Generator(mc, head).state_dict(),
+            "preprocessing": pre.to_dict(),
+            "condition_names": pre.condition_names,
+            "geometry": geometry.to_dict(),
+            "step": 0,
+        },
+        path,
+    )
     return path
 
 

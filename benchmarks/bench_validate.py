@@ -72,9 +72,16 @@ def write_generated(path: Path, cfg: dict, events: int, n_unique: int, seed: int
     v = ev["showers"].shape[1]
     block = 1 << 15
     with h5py.File(path, "w") as f:
-        ds = {k: f.create_dataset(k, shape=(events, ev[k].shape[1]), dtype=ev[k].dtype, chunks=(1024, ev[k].shape[1]),
-                                  compression="lzf" if k == "showers" else None)
-              for k in ("incident_energies", "showers", "incident_eta", "incident_pdg")}  # fmt: skip
+        ds = {
+            k: f.create_dataset(
+                k,
+                shape=(events, ev[k].shape[1]),
+                dtype=ev[k].dtype,
+                chunks=(1024, ev[k].shape[1]),
+                compression="lzf" if k == "showers" else None,
+            )
+            for k in ("incident_energies", "showers", "incident_eta", "incident_pdg")
+        }
         for lo in range(0, events, block):
             idx = np.arange(lo, min(events, lo + block)) % n_unique
             for k, d in ds.items():
@@ -102,8 +109,12 @@ def main() -> int:
     ap.add_argument("--real-events", type=int, default=20_000, help="simulated events in dataset.h5 (half test)")
     ap.add_argument("--workdir", default=None, help="keep the files here (reused when present) instead of a temp dir")
     ap.add_argument("--log-level", default="INFO", help="INFO shows the stage's per-step timings on stderr")
-    ap.add_argument("--no-inline", dest="inline", action="store_false",
-                    help="skip the run that computes the floors in the stage (saves ~20 s)")
+    ap.add_argument(
+        "--no-inline",
+        dest="inline",
+        action="store_false",
+        help="skip the run that computes the floors in the stage (saves ~20 s)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_validate_"))
@@ -122,6 +133,7 @@ def main() -> int:
         import sklearn.ensemble  # noqa: F401
 
         from surrogate import metrics  # noqa: F401
+
         t_import = time.perf_counter() - t0
         read_only(work / "events.h5", chunk)  # warm the page cache so both timings read from memory
         t_read = read_only(work / "events.h5", chunk)
@@ -129,20 +141,27 @@ def main() -> int:
         validate.compute_floors(cfg, work / "dataset.h5", work / "floors.json", threads=args.threads)
         t_floors = time.perf_counter() - t0
         t0 = time.perf_counter()
-        summary = validate.run(cfg, work / "dataset.h5", work / "events.h5", work / "out", threads=args.threads,
-                               floors_path=work / "floors.json")  # fmt: skip
+        summary = validate.run(
+            cfg,
+            work / "dataset.h5",
+            work / "events.h5",
+            work / "out",
+            threads=args.threads,
+            floors_path=work / "floors.json",
+        )
         t_stage = time.perf_counter() - t0
         if summary["floors"] != str(work / "floors.json"):
             raise SystemExit(f"the stage did not use the floors file ({summary['floors']})")
         t_inline = None
         if args.inline:
             t0 = time.perf_counter()
-            inline = validate.run(cfg, work / "dataset.h5", work / "events.h5", work / "out_inline",
-                                  threads=args.threads)  # fmt: skip
+            inline = validate.run(
+                cfg, work / "dataset.h5", work / "events.h5", work / "out_inline", threads=args.threads
+            )
             t_inline = time.perf_counter() - t0
             if inline["metrics"] != summary["metrics"]:
                 raise SystemExit("floors computed in the stage gave other metrics than floors read from the file")
-        print(json.dumps({  # noqa: T201 - the benchmark's one JSON line
+        result = {
             "events": args.events,
             "real_test_events": summary["real_events"],
             "generated_matched": summary["generated_events_matched"],
@@ -162,7 +181,8 @@ def main() -> int:
             "stage_breakdown_seconds": {k: None if v is None else round(v, 2) for k, v in summary["seconds"].items()},
             "n_tests": summary["n_tests"],
             "verdict": summary["verdict"],
-        }))  # fmt: skip
+        }
+        print(json.dumps(result))  # noqa: T201 - the benchmark's one JSON line
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

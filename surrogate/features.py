@@ -246,9 +246,7 @@ def _dataset(f: h5py.File, path: Path, name: str) -> h5py.Dataset:
 class _Source:
     """An open HDF5 file with its showers/energies datasets checked and the geometry resolved."""
 
-    def __init__(
-        self, path: str | Path, geometry: Geometry | None, group: str, showers: str, energies: str
-    ) -> None:
+    def __init__(self, path: str | Path, geometry: Geometry | None, group: str, showers: str, energies: str) -> None:
         self.path = Path(path)
         prefix = f"{group.strip('/')}/" if group.strip("/") else ""
         self.showers_name, energies_name = prefix + showers, prefix + energies

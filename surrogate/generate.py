@@ -459,8 +459,10 @@ def run(
     ``cfg['seed']``. Returns a summary (events, seconds, events_per_s, precision, device, threshold_mev).
     """
     gcfg = cfg["generate"]
-    file_source = conditions_file if conditions_file is not None else (
-        gcfg["conditions"]["file"] if gcfg["conditions"]["source"] == "file" else None
+    file_source = (
+        conditions_file
+        if conditions_file is not None
+        else (gcfg["conditions"]["file"] if gcfg["conditions"]["source"] == "file" else None)
     )
     if events is None and file_source is not None:
         events = _rows(file_source)  # a conditions file means one event per row unless told otherwise
@@ -476,8 +478,9 @@ def run(
     torch_threads = max(1, total - (gcfg["output"]["compression"] != "none"))
     torch.set_num_threads(torch_threads)
     try:
-        return _run(cfg, gcfg, Path(generator_path), Path(out), events, seed, shard, shards, conditions_file, dataset,
-                    progress)  # fmt: skip
+        return _run(
+            cfg, gcfg, Path(generator_path), Path(out), events, seed, shard, shards, conditions_file, dataset, progress
+        )
     finally:
         torch.set_num_threads(previous_threads)  # callers (tests, benchmarks) keep their setting
 
@@ -546,12 +549,27 @@ def _run(
     }
     log.info(
         "shard %d/%d: events %d..%d of %d, device %s, %s, batch %d, conditions %s, threshold %.4g MeV",
-        shard, shards, start, stop, events, device, precision, batch_size, source, threshold,
-    )  # fmt: skip
+        shard,
+        shards,
+        start,
+        stop,
+        events,
+        device,
+        precision,
+        batch_size,
+        source,
+        threshold,
+    )
     batches = forward_batches(
-        G, pre, cond, batch_size=batch_size, device=device, precision=precision, latent=latent,
+        G,
+        pre,
+        cond,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        latent=latent,
         threshold_mev=threshold,
-    )  # fmt: skip
+    )
     t0 = time.perf_counter()
     with (
         ProgressBar(total=len(cond), unit="ev", unit_scale=True, desc=f"shard {shard}", disable=not progress) as bar,
@@ -575,8 +593,17 @@ def _run(
 # --------------------------------------------------------------------------- join
 
 
-_JOIN_COMMON = ("format_version", "generator_sha256", "seed", "shards", "events_total", "package_version",
-                "precision", "geometry", "condition_names")  # fmt: skip
+_JOIN_COMMON = (
+    "format_version",
+    "generator_sha256",
+    "seed",
+    "shards",
+    "events_total",
+    "package_version",
+    "precision",
+    "geometry",
+    "condition_names",
+)
 
 
 def _virtual_dataset(f: h5py.File, name: str, sources: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> None:
@@ -593,8 +620,9 @@ def _virtual_dataset(f: h5py.File, name: str, sources: list[tuple[str, tuple[int
     offset = 0
     for filename, src_shape in sources:
         vspace = h5py.h5s.create_simple(shape)
-        vspace.select_hyperslab((offset,) + (0,) * (len(shape) - 1), (1,) * len(shape),
-                                block=(src_shape[0],) + shape[1:])  # fmt: skip
+        vspace.select_hyperslab(
+            (offset,) + (0,) * (len(shape) - 1), (1,) * len(shape), block=(src_shape[0],) + shape[1:]
+        )
         dcpl.set_virtual(vspace, filename.encode(), name.encode(), h5py.h5s.create_simple(tuple(src_shape)))
         offset += src_shape[0]
     tid = h5py.h5t.py_create(np.dtype(dtype), logical=1)
@@ -688,8 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=None, help="events over all shards (default: generate.events)")
     parser.add_argument("--seed", type=int, default=None, help="run seed (default: the config's seed)")
     parser.add_argument("--shard", type=int, default=None, help="which shard to write (default: 0)")
-    parser.add_argument("--shards", type=int, default=None, help="number of shards (default: 1 without --shard, "
-                        "else generate.shards)")  # fmt: skip
+    parser.add_argument(
+        "--shards", type=int, default=None, help="number of shards (default: 1 without --shard, else generate.shards)"
+    )
     parser.add_argument("--conditions", default=None, help="HDF5 file of conditions (overrides the config source)")
     parser.add_argument("--dataset", default="results/ingest/dataset.h5", help="ingest output (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: generate.threads)")
@@ -697,9 +726,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     shards = args.shards if args.shards is not None else (cfg["generate"]["shards"] if args.shard is not None else 1)
     try:
         run(
-            cfg, args.generator, args.out, events=args.events, seed=args.seed, shard=args.shard or 0, shards=shards,
-            conditions_file=args.conditions, dataset=args.dataset, threads=args.threads,
-        )  # fmt: skip
+            cfg,
+            args.generator,
+            args.out,
+            events=args.events,
+            seed=args.seed,
+            shard=args.shard or 0,
+            shards=shards,
+            conditions_file=args.conditions,
+            dataset=args.dataset,
+            threads=args.threads,
+        )
     except GenerateError as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     return 0

@@ -105,9 +105,7 @@ def _open(path: Path, names: dict[str, str | None], geometry: Geometry, chunk_ev
             if not (ds.ndim == 1 or (ds.ndim == 2 and ds.shape[1] == 1)):
                 raise IngestError(f"{path}: dataset '{dname}' has shape {ds.shape}, expected ({ds.shape[0]}, 1)")
             if ds.shape[0] != rows:
-                raise IngestError(
-                    f"{path}: dataset '{dname}' has {ds.shape[0]} rows but '{sname}' has {rows}"
-                )
+                raise IngestError(f"{path}: dataset '{dname}' has {ds.shape[0]} rows but '{sname}' has {rows}")
         # chunk-aligned reads: compressed data read across chunk boundaries decompress twice
         native = showers.chunks[0] if showers.chunks else chunk_events
         chunk_rows = max(native, (chunk_events // native) * native)
@@ -338,10 +336,11 @@ def run(
         with atomic_path(dataset_path) as tmp:
             with h5py.File(tmp, "w", track_order=True) as out:
                 writers = {
-                    s: _SplitWriter(out.create_group(s, track_order=True), capacity[s], geometry.n_voxels,
-                                    settings["compression"])
+                    s: _SplitWriter(
+                        out.create_group(s, track_order=True), capacity[s], geometry.n_voxels, settings["compression"]
+                    )
                     for s in SPLITS
-                }  # fmt: skip
+                }
                 row_base = 0
                 for item, item_labels in zip(items, labels, strict=True):
                     for chunk in _chunks(item, particles, tol):
@@ -364,11 +363,12 @@ def run(
                             if split == "train":
                                 # written already: the copy is scratch space for the transform
                                 pre.partial_fit(
-                                    cols["showers"], cols["incident_energies"],
+                                    cols["showers"],
+                                    cols["incident_energies"],
                                     cols["incident_eta"] if "incident_eta" in optional else None,
                                     cols["incident_pdg"] if "incident_pdg" in optional else None,
                                     overwrite=True,
-                                )  # fmt: skip
+                                )
                         bar.update(n)
                     row_base += item.rows
                 bar.close()
@@ -385,8 +385,9 @@ def run(
                     eta = g["incident_eta"][:] if "incident_eta" in optional else None
                     pdg = g["incident_pdg"][:] if "incident_pdg" in optional else None
                     cond = pre.transform_conditions(g["incident_energies"][:], eta, pdg)
-                    g.create_dataset("conditions", data=cond, chunks=(min(len(cond), 8192), cond.shape[1]),
-                                     track_times=False)  # fmt: skip
+                    g.create_dataset(
+                        "conditions", data=cond, chunks=(min(len(cond), 8192), cond.shape[1]), track_times=False
+                    )
                 threshold = stats.threshold_mev
                 out.attrs["format_version"] = FORMAT_VERSION
                 out.attrs["seed"] = int(cfg["seed"])
@@ -401,8 +402,10 @@ def run(
                 "format_version": FORMAT_VERSION,
                 "package_version": surrogate.__version__,
                 "dataset": str(dataset_path),
-                "inputs": [{"path": str(it.path), "sha256": digest.result(), "rows": it.rows}
-                           for it, digest in zip(items, digests, strict=True)],
+                "inputs": [
+                    {"path": str(it.path), "sha256": digest.result(), "rows": it.rows}
+                    for it, digest in zip(items, digests, strict=True)
+                ],
                 "rows": {**counts, "total_read": total, "dropped": int(sum(stats.dropped.values()))},
                 "dropped": dict(stats.dropped),
                 "conditions": {"names": pre.condition_names, **stats.summary(optional, mode_names)},
@@ -417,8 +420,14 @@ def run(
             f.close()
     log.info(
         "ingested %d rows from %d file(s): train %d, val %d, test %d, dropped %d (%.1f s)",
-        total, len(items), counts["train"], counts["val"], counts["test"], manifest["rows"]["dropped"], t3 - t0,
-    )  # fmt: skip
+        total,
+        len(items),
+        counts["train"],
+        counts["val"],
+        counts["test"],
+        manifest["rows"]["dropped"],
+        t3 - t0,
+    )
     return manifest
 
 
@@ -475,8 +484,9 @@ class _Stats:
             },
             "eta": {"min": self.eta[0], "max": self.eta[1]} if "incident_eta" in optional else None,
             "particles": {str(k): v for k, v in sorted(self.particles.items())},
-            "modes": {(mode_names[k] if 0 <= k < len(mode_names) else str(k)): v
-                      for k, v in sorted(self.modes.items())},
+            "modes": {
+                (mode_names[k] if 0 <= k < len(mode_names) else str(k)): v for k, v in sorted(self.modes.items())
+            },
         }
 
 
@@ -518,10 +528,17 @@ class _SplitWriter:
         }
         rows = max(1, min(self.CHUNK_ROWS, capacity))
         self.datasets = {
-            name: group.create_dataset(name, shape=(capacity, *tail), maxshape=(None, *tail), dtype=dtype,
-                                       chunks=(rows, *tail), track_times=False, **kw)
+            name: group.create_dataset(
+                name,
+                shape=(capacity, *tail),
+                maxshape=(None, *tail),
+                dtype=dtype,
+                chunks=(rows, *tail),
+                track_times=False,
+                **kw,
+            )
             for name, (tail, dtype, kw) in spec.items()
-        }  # fmt: skip
+        }
         self.rows = 0
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
@@ -542,8 +559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(
         "python -m surrogate.ingest", "Check, preprocess and split simulation files into DIR/dataset.h5."
     )
-    parser.add_argument("--input", action="append", default=[], metavar="FILE",
-                        help="input HDF5 file (repeatable; default: ingest.inputs, else simulate.output)")  # fmt: skip
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="input HDF5 file (repeatable; default: ingest.inputs, else simulate.output)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory, e.g. results/ingest")
     args, cfg = parse_stage_args(parser, argv)
     inputs = args.input or cfg["ingest"]["inputs"] or [cfg["simulate"]["output"]]

@@ -304,9 +304,7 @@ def _out(x: np.ndarray, one: bool) -> Any:
 
 
 @register("separation_power")
-def separation_power(
-    real: np.ndarray, gen: np.ndarray, *, bins: Any = 50, n_boot: int = 100, seed: int = 0
-) -> Result:
+def separation_power(real: np.ndarray, gen: np.ndarray, *, bins: Any = 50, n_boot: int = 100, seed: int = 0) -> Result:
     """Separation power 1/2 sum_i (h1_i - h2_i)^2 / (h1_i + h2_i) of unit-normalised histograms (CaloChallenge).
 
     Args:
@@ -322,8 +320,10 @@ def separation_power(
     _warn_small("separation_power", len(r), len(g), MIN_EVENTS_1D)
     hist = _Histograms(r, g, _column_edges(r, bins))
     value = hist.separation(hist.counts(hist.ir), hist.counts(hist.ig))
-    draws = [hist.separation(hist.counts(hist.ir, wr), hist.counts(hist.ig, wg))
-             for wr, wg in _draws(len(r), len(g), n_boot if n_boot >= 2 else 0, seed)]  # fmt: skip
+    draws = [
+        hist.separation(hist.counts(hist.ir, wr), hist.counts(hist.ig, wg))
+        for wr, wg in _draws(len(r), len(g), n_boot if n_boot >= 2 else 0, seed)
+    ]
     return _out(value, one), _out(_std(draws, hist.n_feat), one)
 
 
@@ -347,8 +347,12 @@ def _ks_asymptotic(r: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray
         a, b = rs[:, j], gs[:, j]
         # the CDFs at every pooled value, as searchsorted(side="right") would give them; a sample's
         # CDF at its own sorted values is the end of each run of equal values (no search needed)
-        diff = np.concatenate([_run_ends(a) / n1 - np.searchsorted(b, a, side="right") / n2,
-                               np.searchsorted(a, b, side="right") / n1 - _run_ends(b) / n2])  # fmt: skip
+        diff = np.concatenate(
+            [
+                _run_ends(a) / n1 - np.searchsorted(b, a, side="right") / n2,
+                np.searchsorted(a, b, side="right") / n1 - _run_ends(b) / n2,
+            ]
+        )
         lo, hi = np.clip(-diff.min(), 0.0, 1.0), diff.max()
         d[j] = lo if lo > hi else hi
     m, n = sorted([float(n1), float(n2)], reverse=True)
@@ -372,17 +376,30 @@ def ks(real: np.ndarray, gen: np.ndarray, *, n_boot: int = 100, seed: int = 0, m
     _warn_small("ks", len(r), len(g), MIN_EVENTS_1D)
     if method == "asymp" and n_boot < 2:
         d, p = _ks_asymptotic(r, g)
-        return ({"statistic": _out(d, one), "pvalue": _out(p, one)},
-                {"statistic": _out(np.zeros_like(d), one), "pvalue": _out(np.zeros_like(p), one)})  # fmt: skip
+        return (
+            {"statistic": _out(d, one), "pvalue": _out(p, one)},
+            {"statistic": _out(np.zeros_like(d), one), "pvalue": _out(np.zeros_like(p), one)},
+        )
     values, errors = [], []
     for j in range(r.shape[1]):
         res = stats.ks_2samp(r[:, j], g[:, j], method=method)
         values.append((float(res.statistic), float(res.pvalue)))
-        errors.append(_bootstrap(lambda a, b: np.array(stats.ks_2samp(a, b, method="asymp")[:2], dtype=np.float64),
-                                 r[:, j], g[:, j], n_boot, seed) if n_boot >= 2 else np.zeros(2))  # fmt: skip
+        errors.append(
+            _bootstrap(
+                lambda a, b: np.array(stats.ks_2samp(a, b, method="asymp")[:2], dtype=np.float64),
+                r[:, j],
+                g[:, j],
+                n_boot,
+                seed,
+            )
+            if n_boot >= 2
+            else np.zeros(2)
+        )
     v, e = np.array(values), np.array(errors)
-    return ({"statistic": _out(v[:, 0], one), "pvalue": _out(v[:, 1], one)},
-            {"statistic": _out(e[:, 0], one), "pvalue": _out(e[:, 1], one)})  # fmt: skip
+    return (
+        {"statistic": _out(v[:, 0], one), "pvalue": _out(v[:, 1], one)},
+        {"statistic": _out(e[:, 0], one), "pvalue": _out(e[:, 1], one)},
+    )
 
 
 @register("wasserstein_scaled")
@@ -399,8 +416,10 @@ def wasserstein_scaled(real: np.ndarray, gen: np.ndarray, *, n_boot: int = 100, 
     _warn_small("wasserstein_scaled", len(r), len(g), MIN_EVENTS_1D)
     scale = r.std(axis=0)
     if np.any(scale == 0):
-        log.warning("wasserstein_scaled: the real sample is constant in %d column(s); those are not scaled",
-                    int(np.sum(scale == 0)))  # fmt: skip
+        log.warning(
+            "wasserstein_scaled: the real sample is constant in %d column(s); those are not scaled",
+            int(np.sum(scale == 0)),
+        )
         scale = np.where(scale > 0, scale, 1.0)
     w1 = _WeightedW1(r, g)
     value = w1(np.ones(len(r)), np.ones(len(g)))
@@ -503,8 +522,9 @@ def fpd(
     means = []
     for n in sizes:
         vals = [
-            frechet_distance(*_moments(real[rng.integers(0, len(real), n)]),
-                             *_moments(gen[rng.integers(0, len(gen), n)]))
+            frechet_distance(
+                *_moments(real[rng.integers(0, len(real), n)]), *_moments(gen[rng.integers(0, len(gen), n)])
+            )
             for _ in range(num_batches)
         ]
         means.append(np.mean(vals))
@@ -578,6 +598,7 @@ def kpd(
     if min(len(real), len(gen)) < batch_size:
         log.warning("kpd: fewer events (%d, %d) than batch_size=%d", len(real), len(gen), batch_size)
     rng = np.random.default_rng(seed)
+
     # each batch without replacement: a point drawn twice into one batch pairs with itself in the
     # "i != j" sums and biases the unbiased estimator upwards (+0.12 for identical 3-D Gaussians,
     # batches of 500 from 1000, against a full-sample value of 0.001)
@@ -621,8 +642,9 @@ def classifier_auc(
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.5, stratify=y, random_state=int(seeds[0]))
     # early stopping on a tenth of the training half: samples the classifier cannot tell apart stop
     # after a few trees (no fitting of noise), separable ones keep boosting up to max_iter
-    clf = HistGradientBoostingClassifier(max_iter=max_iter, max_bins=max_bins, early_stopping=True,
-                                         random_state=int(seeds[1]))  # fmt: skip
+    clf = HistGradientBoostingClassifier(
+        max_iter=max_iter, max_bins=max_bins, early_stopping=True, random_state=int(seeds[1])
+    )
     clf.fit(x_tr, y_tr)
     p = clf.predict_proba(x_te)[:, 1]
     auc = roc_auc_score(y_te, p)

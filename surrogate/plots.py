@@ -154,8 +154,13 @@ def feature_histograms(
             if nrow not in figures:
                 fig = plt.figure(figsize=(4.2 * ncol, 3.4 * nrow))
                 outer = fig.add_gridspec(nrow, ncol, hspace=0.3, wspace=0.28)
-                figures[nrow] = fig, [_HistogramCell(fig, outer[i // ncol, i % ncol], i == 0, i % ncol == 0)
-                                      for i in range(nrow * ncol)]  # fmt: skip
+                figures[nrow] = (
+                    fig,
+                    [
+                        _HistogramCell(fig, outer[i // ncol, i % ncol], i == 0, i % ncol == 0)
+                        for i in range(nrow * ncol)
+                    ],
+                )
                 fig.subplots_adjust(left=0.05, right=0.98, top=0.96, bottom=0.05)
             fig, cells = figures[nrow]
             for i, cell in enumerate(cells):
@@ -181,8 +186,9 @@ def response_plot(out_dir: Path, response: dict[str, Any]) -> Path:
             for who, colour, dx in (("real", REAL, 0.97), ("gen", GEN, 1.03)):
                 y = [v["value"][f"{who}_{key}"] for v in items]
                 dy = [v["error"][f"{who}_{key}"] for v in items]
-                ax.errorbar(e * dx, y, yerr=dy, fmt="o-" if pdg == 22 else "s--", color=colour, ms=4,
-                            label=f"{who} pdg {pdg}")  # fmt: skip
+                ax.errorbar(
+                    e * dx, y, yerr=dy, fmt="o-" if pdg == 22 else "s--", color=colour, ms=4, label=f"{who} pdg {pdg}"
+                )
     a1.set_ylabel("mean E_dep / E_inc")
     a2.set_ylabel("resolution std/mean of E_dep / E_inc")
     for ax in (a1, a2):
@@ -213,14 +219,18 @@ def mode_plot(out_dir: Path, modes: dict[str, Any], energy_labels: list[str], et
             for m, name in enumerate(names):
                 # a mode the real data have is drawn for both samples: a generator missing it shows a line at 0
                 if counts["real"][:, m].sum() > 0 or counts["gen"][:, m].sum() > 0:
-                    ax.plot(range(len(labels)), frac[:, m], style, color=f"C{m}", ms=4,
-                            label=f"{name} ({who})")  # fmt: skip
+                    ax.plot(range(len(labels)), frac[:, m], style, color=f"C{m}", ms=4, label=f"{name} ({who})")
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.set_ylabel("fraction of events (predicted mode)")
     axes[0].set_xlabel("incident energy bin")
     axes[1].set_xlabel("|eta| bin")
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="solid: real, dashed: generated",
-                   title_fontsize=7)  # fmt: skip
+    axes[1].legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        title="solid: real, dashed: generated",
+        title_fontsize=7,
+    )
     fig.subplots_adjust(left=0.06, right=0.78, bottom=0.13, top=0.96, wspace=0.22)
     return _save(fig, out_dir / "modes.png")
 

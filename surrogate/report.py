@@ -29,6 +29,7 @@ import torch
 
 from surrogate.config import parse_stage_args, stage_parser
 from surrogate.io import write_json
+from surrogate.validation.scoreboard import headline
 
 __all__ = ["ReportError", "ShowerSampler", "resolve_tracking_uri", "flatten", "run", "main"]
 
@@ -221,6 +222,7 @@ def _metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
                 out.append((f"validate.{m['name']}.{field}", float(v), 0))
         if "passed" in m and m["passed"] is not None:
             out.append((f"validate.{m['name']}.passed", float(bool(m["passed"])), 0))
+    out += _headline_metrics(summary)
     for stage, seconds in info["stage_seconds"].items():
         out.append((f"stage_seconds.{stage}", seconds, 0))
     gen = info["generate_summary"] or {}
@@ -230,6 +232,19 @@ def _metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
     for key in ("steps_per_second", "samples_per_second", "wall_seconds", "best_score"):
         if isinstance(train.get(key), int | float):
             out.append((f"train.summary.{key}", float(train[key]), 0))
+    return out
+
+
+def _headline_metrics(summary: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """The validation scoreboard as top-level metrics (the Runs table sorts by them): ``headline.<name>``
+    is a row's value, ``headline.<name>.floor`` its floor where it has one."""
+    if not summary:
+        return []
+    out = []
+    for row in headline(summary):
+        for suffix, v in (("", row["value"]), (".floor", row["floor"])):
+            if isinstance(v, int | float) and v == v:  # skip None and NaN
+                out.append((f"headline.{row['name']}{suffix}", float(v), 0))
     return out
 
 

@@ -360,7 +360,11 @@ def _em_spots(
 
 
 def _had_spots(
-    rng: np.random.Generator, p: SimParams, e_gev: np.ndarray, e_ref_gev: np.ndarray, start_lam: np.ndarray,
+    rng: np.random.Generator,
+    p: SimParams,
+    e_gev: np.ndarray,
+    e_ref_gev: np.ndarray,
+    start_lam: np.ndarray,
     cosh: np.ndarray,
 ) -> tuple[np.ndarray, ...]:
     """Non-EM part of hadronic showers: energy ``e_gev`` (m,), starting at ``start_lam`` (normal lambda).
@@ -462,8 +466,11 @@ def _simulate_batch(
         photon = pdg[idx] == 22
         t_conv = np.where(photon, rng.exponential(PHOTON_CONVERSION_X0, len(idx)), 0.0)  # X0 along path
         start = t_conv / cosh[idx]
-        mode[idx] = np.where(photon, np.where(start > mat.dead_x0, MODE["photon_late_conversion"],
-                                              MODE["photon_early_conversion"]), MODE["electron"])
+        mode[idx] = np.where(
+            photon,
+            np.where(start > mat.dead_x0, MODE["photon_late_conversion"], MODE["photon_early_conversion"]),
+            MODE["electron"],
+        )
         first[idx] = t_conv
         ev, depth, r, phi, w = _em_spots(rng, p, e_gev[idx], start, cosh[idx])
         layer = _layer_of(b_x0, depth)
@@ -487,10 +494,15 @@ def _simulate_batch(
         mip, _, mip_total = _mip_deposits(rng, p, stop_x0, c)
         # the track: one spot per crossed layer, within a millimetre of the axis
         ev_l, lay_l = np.nonzero(mip > 0)
-        spots.append((
-            idx[ev_l], lay_l, np.abs(rng.normal(0.0, 1.0, len(ev_l))),
-            rng.uniform(-math.pi, math.pi, len(ev_l)), mip[ev_l, lay_l],
-        ))
+        spots.append(
+            (
+                idx[ev_l],
+                lay_l,
+                np.abs(rng.normal(0.0, 1.0, len(ev_l))),
+                rng.uniform(-math.pi, math.pi, len(ev_l)),
+                mip[ev_l, lay_l],
+            )
+        )
         interacts = start_lam < b_lam[-1]
         e_avail = np.where(interacts, np.maximum(e_gev[idx] - mip_total / 1e3, 0.0), 0.0)
         mu = np.clip(1.0 - np.maximum(e_gev[idx], 1.0) ** (p.pi0_exponent - 1.0), 0.05, 0.95)
@@ -659,7 +671,13 @@ def run(
     out_path = Path(out_path)
     log.info(
         "simulating %d events (%d chunks of %d, %d worker(s)) into %s; geometry %s, %d voxels",
-        n, n_chunks, chunk, workers, out_path, p.geometry.name, n_vox,
+        n,
+        n_chunks,
+        chunk,
+        workers,
+        out_path,
+        p.geometry.name,
+        n_vox,
     )
     t0 = time.perf_counter()
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w", track_order=False) as f:
@@ -669,8 +687,12 @@ def run(
             # rows per HDF5 chunk = simulate.chunk_events, capped at 16 MiB for very fine binnings
             rows = max(1, min(chunk, n, (16 << 20) // (4 * int(np.prod(shape[1:])))))
             dsets[name] = f.create_dataset(
-                name, shape=shape, dtype=dtypes.get(name, np.float32), chunks=(rows, *shape[1:]),
-                track_times=False, **comp,
+                name,
+                shape=shape,
+                dtype=dtypes.get(name, np.float32),
+                chunks=(rows, *shape[1:]),
+                track_times=False,
+                **comp,
             )
         f["truth/mode"].attrs["names"] = json.dumps(list(MODE_NAMES))
         f.attrs["simulator_version"] = SIMULATOR_VERSION
@@ -723,8 +745,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or cfg["simulate"]["output"]
     try:
         run(
-            cfg, out, events=args.events, particle=args.particle,
-            energy_mev=None if args.energy_gev is None else args.energy_gev * 1e3, eta=args.eta,
+            cfg,
+            out,
+            events=args.events,
+            particle=args.particle,
+            energy_mev=None if args.energy_gev is None else args.energy_gev * 1e3,
+            eta=args.eta,
         )
     except (SimulationError, geometry_mod.GeometryError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")

@@ -88,9 +88,14 @@ def features(showers: np.ndarray, energy: np.ndarray, geometry: Geometry, names:
 
 
 def plan(
-    n: int, step: int, rows: np.ndarray, energy: np.ndarray, feat_pos: np.ndarray, vox_pos: np.ndarray,
+    n: int,
+    step: int,
+    rows: np.ndarray,
+    energy: np.ndarray,
+    feat_pos: np.ndarray,
+    vox_pos: np.ndarray,
     task_blocks: int,
-) -> list[Task]:  # fmt: skip
+) -> list[Task]:
     """Tasks of ``task_blocks`` blocks of ``step`` rows each over a file of ``n`` rows.
 
     ``rows``: sorted matched file rows; ``energy``: the file's incident energies (all rows);

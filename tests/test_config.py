@@ -109,8 +109,16 @@ def test_stage_cli_help(stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_cli_rejects_unknown_key(stage, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", f"surrogate.{stage}", "--config", str(CONFIG), "--set", "simulate.nonsense_key=1",
-         *STAGES[stage]],
+        [
+            sys.executable,
+            "-m",
+            f"surrogate.{stage}",
+            "--config",
+            str(CONFIG),
+            "--set",
+            "simulate.nonsense_key=1",
+            *STAGES[stage],
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -54,11 +54,18 @@ def tiny_checkpoint(path: Path, cfg: dict, pre) -> Path:
     geometry = from_config(cfg)
     torch.manual_seed(0)
     mc = ModelConfig(n_voxels=geometry.n_voxels, cond_dim=len(pre.condition_names), z_dim=8, g_width=32, g_depth=1)
-    torch.save({
-        "format_version": FORMAT_VERSION, "model_config": mc.to_dict(), "ema_state_dict": Generator(mc).state_dict(),
-        "preprocessing": pre.to_dict(), "condition_names": pre.condition_names, "geometry": geometry.to_dict(),
-        "step": 0,
-    }, path)  # fmt: skip
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model_config": mc.to_dict(),
+            "ema_state_dict": Generator(mc).state_dict(),
+            "preprocessing": pre.to_dict(),
+            "condition_names": pre.condition_names,
+            "geometry": geometry.to_dict(),
+            "step": 0,
+        },
+        path,
+    )
     return path
 
 
@@ -183,9 +190,13 @@ def test_condition_sources(env, tmp_path):
     # grid: the product, cycled in order
     gcfg = load_config(
         CONFIG,
-        ["generate.conditions.source=grid", "generate.conditions.grid.energies_gev=[5, 20]",
-         "generate.conditions.grid.eta=[0.1]", "generate.conditions.grid.particles=[22, 211]"],
-    )  # fmt: skip
+        [
+            "generate.conditions.source=grid",
+            "generate.conditions.grid.energies_gev=[5, 20]",
+            "generate.conditions.grid.eta=[0.1]",
+            "generate.conditions.grid.particles=[22, 211]",
+        ],
+    )
     gcfg["generate"].update({k: cfg["generate"][k] for k in ("batch_size", "output", "threads")})
     out = tmp_path / "grid.h5"
     _run(env, out, cfg=gcfg, events=10, dataset=None)
@@ -268,12 +279,33 @@ def test_cli_help_and_join_cli(env, tmp_path):
 def test_kill_mid_write_leaves_no_file_and_rerun_succeeds(env, tmp_path):
     out = tmp_path / "shard-0.h5"
     cmd = [
-        sys.executable, "-m", "surrogate.generate", "--config", str(CONFIG), "--generator", str(env["ckpt"]),
-        "--out", str(out), "--dataset", str(env["dataset"]), "--events", "12000", "--seed", "5", "--threads", "1",
-        "--set", "generate.batch_size=64", "--set", "generate.queue_batches=1",
+        sys.executable,
+        "-m",
+        "surrogate.generate",
+        "--config",
+        str(CONFIG),
+        "--generator",
+        str(env["ckpt"]),
+        "--out",
+        str(out),
+        "--dataset",
+        str(env["dataset"]),
+        "--events",
+        "12000",
+        "--seed",
+        "5",
+        "--threads",
+        "1",
+        "--set",
+        "generate.batch_size=64",
+        "--set",
+        "generate.queue_batches=1",
         # slowest filter: the writer is mid-file for a while
-        "--set", "generate.output.compression=gzip", "--set", "generate.output.gzip_level=9",
-    ]  # fmt: skip
+        "--set",
+        "generate.output.compression=gzip",
+        "--set",
+        "generate.output.gzip_level=9",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

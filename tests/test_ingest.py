@@ -63,8 +63,9 @@ def test_ingest_writes_the_contract(cfg, tmp_path):
         np.testing.assert_array_equal(test["incident_pdg"][:], g["incident_pdg"][:][src_rows])
         np.testing.assert_array_equal(test["mode"][:], g["truth/mode"][:][src_rows])
         np.testing.assert_allclose(
-            test["conditions"][:], pre.transform_conditions(test["incident_energies"][:], test["incident_eta"][:],
-                                                            test["incident_pdg"][:]))  # fmt: skip
+            test["conditions"][:],
+            pre.transform_conditions(test["incident_energies"][:], test["incident_eta"][:], test["incident_pdg"][:]),
+        )
         assert f.attrs["readout_threshold_mev"] == pytest.approx(float(g["showers"][:][g["showers"][:] > 0].min()))
     assert (tmp_path / "out" / "config.yaml").exists()
 
@@ -101,8 +102,9 @@ def test_inputs_must_agree_on_optional_datasets(cfg, tmp_path, caplog):
     ours = write_input(tmp_path / "ours.h5", cfg)
     cc = write_input(tmp_path / "cc.h5", cfg, superset=False)
     out = tmp_path / "out"
-    code = ingest.main(["--config", str(ROOT / "config.yaml"), "--input", str(ours), "--input", str(cc),
-                        "--out", str(out)])  # fmt: skip
+    code = ingest.main(
+        ["--config", str(ROOT / "config.yaml"), "--input", str(ours), "--input", str(cc), "--out", str(out)]
+    )
     assert code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0]
@@ -185,14 +187,20 @@ BAD_CASES = {
     "voxel_count": (lambda p, c: write_input(p, c, showers=lambda a: a[:, :368]), ["368 voxels", "533"]),
     "nan": (lambda p, c: write_input(p, c, showers=_nan_row), ["dataset 'showers' row 17", "NaN"]),
     "inf": (lambda p, c: write_input(p, c, showers=_inf_row), ["dataset 'showers' row 19", "Inf"]),
-    "negative": (lambda p, c: write_input(p, c, showers=_neg_row),
-                 ["dataset 'showers' row 23", "negative", "voxel 7: -5.0"]),
-    "energy_le_0": (lambda p, c: write_input(p, c, incident_energies=_zero_energy),
-                    ["dataset 'incident_energies' row 31", "<= 0"]),
-    "unknown_pdg": (lambda p, c: write_input(p, c, incident_pdg=_bad_pdg),
-                    ["dataset 'incident_pdg' row 42", "unknown particle", "2112"]),
+    "negative": (
+        lambda p, c: write_input(p, c, showers=_neg_row),
+        ["dataset 'showers' row 23", "negative", "voxel 7: -5.0"],
+    ),
+    "energy_le_0": (
+        lambda p, c: write_input(p, c, incident_energies=_zero_energy),
+        ["dataset 'incident_energies' row 31", "<= 0"],
+    ),
+    "unknown_pdg": (
+        lambda p, c: write_input(p, c, incident_pdg=_bad_pdg),
+        ["dataset 'incident_pdg' row 42", "unknown particle", "2112"],
+    ),
     "empty": (lambda p, c: write_input(p, c, n=0), ["0 rows", "empty"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
@@ -207,8 +215,18 @@ def test_bad_input_is_refused_with_one_clear_line(case, cfg, tmp_path, caplog):
         writer(path, cfg)
     digest = sha256_file(path)
     out = tmp_path / "out"
-    code = ingest.main(["--config", str(ROOT / "config.yaml"), "--set", "ingest.chunk_events=64",
-                        "--input", str(path), "--out", str(out)])  # fmt: skip
+    code = ingest.main(
+        [
+            "--config",
+            str(ROOT / "config.yaml"),
+            "--set",
+            "ingest.chunk_events=64",
+            "--input",
+            str(path),
+            "--out",
+            str(out),
+        ]
+    )
     assert code != 0
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0]

@@ -125,10 +125,10 @@ def test_matrix_input_equals_each_column_alone():
     sep, sep_err = M.separation_power(a, b, bins=edges, n_boot=7, seed=2)
     w1, w1_err = M.wasserstein_scaled(a, b, n_boot=7, seed=3)
     for j in range(3):
-        assert (sep[j], sep_err[j]) == pytest.approx(M.separation_power(a[:, j], b[:, j], bins=edges[j], n_boot=7,
-                                                                         seed=2), rel=1e-12)  # fmt: skip
-        assert (w1[j], w1_err[j]) == pytest.approx(M.wasserstein_scaled(a[:, j], b[:, j], n_boot=7, seed=3),
-                                                   rel=1e-12)  # fmt: skip
+        assert (sep[j], sep_err[j]) == pytest.approx(
+            M.separation_power(a[:, j], b[:, j], bins=edges[j], n_boot=7, seed=2), rel=1e-12
+        )
+        assert (w1[j], w1_err[j]) == pytest.approx(M.wasserstein_scaled(a[:, j], b[:, j], n_boot=7, seed=3), rel=1e-12)
         assert w1[j] * a[:, j].std() == pytest.approx(stats.wasserstein_distance(a[:, j], b[:, j]), rel=1e-12)
     # the vectorised asymptotic KS is scipy's, ties (the rounded column) included
     value, err = M.ks(a, b, n_boot=0, method="asymp")
@@ -212,8 +212,13 @@ def test_kpd_known_answers():
     assert shifted > 1.0 and shifted > 5 * err_s
     # no bias from drawing a point twice into a batch (batches of half the sample; with
     # replacement this gave +0.12 here), and the error matches the spread over seeds
-    values, errors = zip(*(M.kpd(_normal(1000, 3, 30 + s), _normal(1000, 3, 60 + s), batch_size=500,
-                                 num_batches=10, seed=s) for s in range(12)), strict=True)  # fmt: skip
+    values, errors = zip(
+        *(
+            M.kpd(_normal(1000, 3, 30 + s), _normal(1000, 3, 60 + s), batch_size=500, num_batches=10, seed=s)
+            for s in range(12)
+        ),
+        strict=True,
+    )
     assert abs(np.mean(values)) < 3 * np.std(values) / np.sqrt(12)
     assert 0.5 < np.mean(errors) / np.std(values) < 2.0
     # the unbiased estimator on two copies of the same batch equals the hand formula

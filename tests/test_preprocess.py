@@ -53,8 +53,9 @@ def test_dict_round_trip_gives_identical_transforms(sample):
     pre = Preprocessor.fit(showers, energies, eta, pdg, {"voxel_transform": "logit"}, particles=[211, 22])
     again = Preprocessor.from_dict(pre.to_dict())
     np.testing.assert_array_equal(again.transform_showers(showers, energies), pre.transform_showers(showers, energies))
-    np.testing.assert_array_equal(again.transform_conditions(energies, eta, pdg),
-                                  pre.transform_conditions(energies, eta, pdg))  # fmt: skip
+    np.testing.assert_array_equal(
+        again.transform_conditions(energies, eta, pdg), pre.transform_conditions(energies, eta, pdg)
+    )
 
 
 def test_condition_encoding(sample):
@@ -91,8 +92,9 @@ def test_streaming_fit_matches_float64_reference(sample):
     showers, energies, eta, pdg = sample
     pre = Preprocessor.from_settings({})
     for i in range(0, len(showers), 300):  # blocks of 256 rows plus remainders
-        pre.partial_fit(showers[i : i + 300].copy(), energies[i : i + 300], eta[i : i + 300], pdg[i : i + 300],
-                        overwrite=True)  # fmt: skip
+        pre.partial_fit(
+            showers[i : i + 300].copy(), energies[i : i + 300], eta[i : i + 300], pdg[i : i + 300], overwrite=True
+        )
     pre.finalize()
     y = np.log(showers.astype(np.float64) / energies + np.float64(np.float32(1e-6)))
     np.testing.assert_allclose(pre.mean, y.mean(axis=0), rtol=1e-5, atol=1e-5)

@@ -21,8 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -83,6 +86,10 @@ def test_report_to_sqlite_reads_back(results, tmp_path):
     assert sorted(steps) == [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
     assert run.data.metrics["validate.fpd.floor"] == 0.01
     assert run.data.metrics["validate.fpd.passed"] == 0.0
+    # the validation scoreboard as top-level metrics, to sort runs by
+    assert run.data.metrics["headline.verdict"] == 0.0
+    assert (run.data.metrics["headline.n_tests"], run.data.metrics["headline.n_failed"]) == (2.0, 1.0)
+    assert (run.data.metrics["headline.fpd"], run.data.metrics["headline.fpd.floor"]) == (3.0, 0.01)
     assert run.data.metrics["stage_seconds.train"] == 12.5
     assert run.data.metrics["generate.events_per_second"] == 8 / 4.0  # events over the shards' summed seconds
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validate")}
@@ -101,9 +108,22 @@ def test_unreachable_store_fails_clearly(results, tmp_path, caplog):
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     cfg = _cfg(uri, retries=2, backoff_seconds=0.01)
     before = _tree_digest(results)
-    code = report.main(["--config", str(ROOT / "config.yaml"), "--set", f"report.tracking_uri={uri}",
-                        "--set", "report.retries=2", "--set", "report.backoff_seconds=0.01",
-                        "--results", str(results), "--out", str(tmp_path / "out")])
+    code = report.main(
+        [
+            "--config",
+            str(ROOT / "config.yaml"),
+            "--set",
+            f"report.tracking_uri={uri}",
+            "--set",
+            "report.retries=2",
+            "--set",
+            "report.backoff_seconds=0.01",
+            "--results",
+            str(results),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and uri in errors[0] and "after 2 attempts" in errors[0]
@@ -120,10 +140,25 @@ def test_report_to_real_server(results, tmp_path):
 
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", (tmp_path / "server-art").as_uri(), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            (tmp_path / "server-art").as_uri(),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -169,10 +204,18 @@ def test_logged_model_loads_and_generates(results, tmp_path):
     pre = Preprocessor.fit(showers, energies, rng.uniform(0, 1.5, (200, 1)), rng.choice([22, 211], (200, 1)), {})
     mc = ModelConfig(n_voxels=geometry.n_voxels, cond_dim=len(pre.condition_names), z_dim=8, g_width=16, g_depth=1)
     torch.manual_seed(0)
-    torch.save({"format_version": FORMAT_VERSION, "model_config": mc.to_dict(),
-                "ema_state_dict": Generator(mc).state_dict(), "preprocessing": pre.to_dict(),
-                "condition_names": pre.condition_names, "geometry": geometry.to_dict(), "step": 0},
-               results / "train" / "generator.pt")  # fmt: skip
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model_config": mc.to_dict(),
+            "ema_state_dict": Generator(mc).state_dict(),
+            "preprocessing": pre.to_dict(),
+            "condition_names": pre.condition_names,
+            "geometry": geometry.to_dict(),
+            "step": 0,
+        },
+        results / "train" / "generator.pt",
+    )
     record = report.run(cfg, results, tmp_path / "out")
 
     mlflow.set_tracking_uri(record["tracking_uri"])

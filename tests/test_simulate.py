@@ -17,8 +17,14 @@ from surrogate.simulate import MODE_NAMES, build_params, main, run, simulate_eve
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = [
-    "incident_energies", "showers", "incident_eta", "incident_pdg",
-    "truth/mode", "truth/em_fraction", "truth/first_interaction", "truth/cpu_seconds",
+    "incident_energies",
+    "showers",
+    "incident_eta",
+    "incident_pdg",
+    "truth/mode",
+    "truth/em_fraction",
+    "truth/first_interaction",
+    "truth/cpu_seconds",
 ]
 
 
@@ -38,8 +44,12 @@ def _response(out):
 
 def test_mode_names_contract():
     assert MODE_NAMES == (
-        "photon_early_conversion", "photon_late_conversion", "pion_em_start",
-        "pion_tile_start", "pion_punch_through", "electron",
+        "photon_early_conversion",
+        "photon_late_conversion",
+        "pion_em_start",
+        "pion_tile_start",
+        "pion_punch_through",
+        "electron",
     )
 
 
@@ -80,8 +90,9 @@ def test_photon_stochastic_term(params):
     energies = np.array([2.0, 8.0, 32.0, 128.0, 512.0])
     rel = []
     for i, e in enumerate(energies):
-        r = _response(simulate_events(400 if e < 200 else 200, params, seed=20 + i, particle=22,
-                                      energy_mev=e * 1e3, eta=0.0))
+        r = _response(
+            simulate_events(400 if e < 200 else 200, params, seed=20 + i, particle=22, energy_mev=e * 1e3, eta=0.0)
+        )
         rel.append(r.std() / r.mean())
     rel = np.array(rel)
     (a2, b2), *_ = np.linalg.lstsq(np.stack([1 / energies, np.ones_like(energies)], axis=1), rel**2, rcond=None)
@@ -143,8 +154,9 @@ def test_realistic_sparsity(params):
 
 
 def test_spot_count_grows_with_energy(params):
-    cpu = [simulate_events(40, params, seed=5, particle=22, energy_mev=e)["truth/cpu_seconds"].mean()
-           for e in (1e3, 1e6)]
+    cpu = [
+        simulate_events(40, params, seed=5, particle=22, energy_mev=e)["truth/cpu_seconds"].mean() for e in (1e3, 1e6)
+    ]
     assert cpu[1] > 5 * cpu[0]
 
 
@@ -179,15 +191,34 @@ def test_run_independent_of_workers(cfg, tmp_path):
 
 
 def test_cli_help():
-    res = subprocess.run([sys.executable, "-m", "surrogate.simulate", "--help"], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "surrogate.simulate", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert res.returncode == 0 and "--energy-gev" in res.stdout
 
 
 def test_cli_writes_valid_file(tmp_path):
     out = tmp_path / "sim.h5"
-    rc = main(["--config", str(REPO / "config.yaml"), "--out", str(out), "--events", "30", "--particle", "211",
-               "--energy-gev", "50", "--eta", "0.4", "--set", "simulate.workers=1", "--log-level", "WARNING"])
+    rc = main(
+        [
+            "--config",
+            str(REPO / "config.yaml"),
+            "--out",
+            str(out),
+            "--events",
+            "30",
+            "--particle",
+            "211",
+            "--energy-gev",
+            "50",
+            "--eta",
+            "0.4",
+            "--set",
+            "simulate.workers=1",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     assert rc == 0
     data, *_ = _read(out)
     assert data["showers"].shape == (30, 533)

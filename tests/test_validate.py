@@ -22,13 +22,19 @@ import pytest
 from surrogate import validate as V
 from surrogate.config import load_config
 from surrogate.simulate import MODE_NAMES, build_params, simulate_events
+from surrogate.validation import families, processes, stage
+from surrogate.validation import floors as VF
 
 N_REAL = 6000  # half train (mode classifier), half test (the reference)
 N_GEN = 6000
 # Fewer energy spots than the default simulator (same physics for real and generated, cheaper); n_boot lowered for
 # speed only (errors are a little noisier, thresholds untouched).
-OVERRIDES = ["simulate.spots.max=1000", "validate.n_boot=10", "validate.subsample.classifier_iterations=30",
-             "validate.subsample.voxel_classifier_events=1500"]
+OVERRIDES = [
+    "simulate.spots.max=1000",
+    "validate.n_boot=10",
+    "validate.subsample.classifier_iterations=30",
+    "validate.subsample.voxel_classifier_events=1500",
+]
 TILE = MODE_NAMES.index("pion_tile_start")
 
 
@@ -105,13 +111,31 @@ def test_independent_sample_passes(cfg, dataset, independent, reuse, tmp_path: P
     for m in on_disk["metrics"]:
         assert set(m) >= {"name", "value", "error", "floor", "threshold", "passed"}
     names = {m["name"].split("/")[0] for m in on_disk["metrics"]}
-    assert names >= {"separation", "wasserstein", "ks", "response_mean", "resolution", "fpd", "kpd",
-                     "classifier_auc", "prdc", "diversity", "mode_fraction"}  # fmt: skip
+    assert names >= {
+        "separation",
+        "wasserstein",
+        "ks",
+        "response_mean",
+        "resolution",
+        "fpd",
+        "kpd",
+        "classifier_auc",
+        "prdc",
+        "diversity",
+        "mode_fraction",
+    }
+    # every registered family is in the verdict, with tests of each of its kinds
+    for family in V.FAMILIES.values():
+        for prefix in family.tests:
+            if prefix != "cluster_occupancy/":  # the fallback without truth modes (tested below)
+                assert any(m["name"].startswith(prefix) for m in on_disk["metrics"]), (family.name, prefix)
+    assert set(V.FAMILIES) <= set(on_disk["seconds"])
     assert on_disk["subsample"]["prdc_events"] > 0
     plots = {p.name for p in (tmp_path / "out" / "plots").glob("*.png")}
     assert {"response.png", "modes.png", "mean_shower_per_layer.png", "training_curves.png"} <= plots
     page = (tmp_path / "out" / "report.html").read_text()
     assert "data:image/png;base64," in page and "PASS" in page
+    assert page.index("<table") == page.index("<table class='scoreboard'")  # the headline numbers first
 
 
 def test_missing_tile_start_pions_fail_mode_coverage(cfg, dataset, independent, reuse, tmp_path: Path) -> None:
@@ -138,8 +162,11 @@ def test_energy_scale_1p05_fails_response(cfg, dataset, independent, reuse, tmp_
 
 def test_collapsed_generator_fails_coverage_and_diversity(cfg, dataset, independent, reuse, tmp_path: Path) -> None:
     e = independent["incident_energies"][:, 0].astype(np.float64)
-    binning = V.Binning(np.asarray(cfg["validate"]["energy_edges_gev"]) * 1000.0,
-                        np.asarray(cfg["validate"]["eta_edges"], float), (22, 211))  # fmt: skip
+    binning = V.Binning(
+        np.asarray(cfg["validate"]["energy_edges_gev"]) * 1000.0,
+        np.asarray(cfg["validate"]["eta_edges"], float),
+        (22, 211),
+    )
     bins = binning.index(e, independent["incident_eta"][:, 0], independent["incident_pdg"][:, 0])
     showers = np.empty_like(independent["showers"])
     for b in np.unique(bins):
@@ -159,7 +186,7 @@ def test_cli_exit_codes(cfg, dataset, independent, tmp_path: Path, monkeypatch: 
     cfg_path.write_text(Path(__file__).resolve().parents[1].joinpath("config.yaml").read_text())
     argv = ["--config", str(cfg_path), "--dataset", str(dataset), "--generated", str(gen), "--out", str(tmp_path / "o")]
     # the verdict logic only: a FAIL exits 0 unless validate.fail_pipeline
-    monkeypatch.setattr(V, "run", lambda *a, **k: {"verdict": "FAIL"})
+    monkeypatch.setattr(stage, "run", lambda *a, **k: {"verdict": "FAIL"})
     assert V.main(argv) == 0
     assert V.main([*argv, "--set", "validate.fail_pipeline=true"]) == 1
     monkeypatch.undo()
@@ -171,8 +198,10 @@ def test_cli_exit_codes(cfg, dataset, independent, tmp_path: Path, monkeypatch: 
 def test_unusable_input_leaves_no_process_behind(cfg, dataset, tmp_path: Path) -> None:
     """A bad generated file (or dataset) is one error naming it; the reader and plotting processes are gone."""
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
-    for data, gen, match in ((dataset, tmp_path / "bad.h5", "bad.h5: cannot open as HDF5"),
-                             (tmp_path / "bad.h5", tmp_path / "bad.h5", "bad.h5: cannot open as HDF5")):  # fmt: skip
+    for data, gen, match in (
+        (dataset, tmp_path / "bad.h5", "bad.h5: cannot open as HDF5"),
+        (tmp_path / "bad.h5", tmp_path / "bad.h5", "bad.h5: cannot open as HDF5"),
+    ):
         with pytest.raises(V.ValidateError, match=match):
             V.run(cfg, data, gen, tmp_path / "out", threads=2)
         assert multiprocessing.active_children() == []
@@ -180,17 +209,59 @@ def test_unusable_input_leaves_no_process_behind(cfg, dataset, tmp_path: Path) -
 
 
 def test_every_registered_metric_is_used() -> None:
-    """The stage walks the metrics registry: a metric added there without a test here is caught."""
+    """The stage walks the metrics registry: a metric added there without a test family using it is caught."""
     from surrogate import metrics as M
 
     assert set(M.METRICS) <= V.USED_METRICS, set(M.METRICS) - V.USED_METRICS
 
 
+#: The test families of the verdict, in the order of summary.json: one left out of the registry fails here.
+EXPECTED_FAMILIES = (
+    "1-D tests",
+    "response",
+    "FPD/KPD",
+    "classifier AUC, features",
+    "classifier AUC, voxels",
+    "PRDC/diversity",
+    "mode coverage",
+)
+
+
+def test_every_family_is_registered_and_run() -> None:
+    from surrogate.validation.families import RUN_ORDER
+
+    assert tuple(V.FAMILIES) == EXPECTED_FAMILIES
+    assert sorted(RUN_ORDER) == sorted(EXPECTED_FAMILIES)
+    with pytest.raises(ValueError, match="registered twice"):
+        families.register("response", metrics=(), tests=())(lambda ctx: ([], {}))
+
+
+def test_floors_rule_hashes_the_code_the_floors_identity_covers() -> None:
+    """The validate_floors rule reruns when the code in the floors' identity changes: same modules, same digest."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    call = re.search(r"code=source_hash\(([^)]*)\)", (root / "workflow" / "rules" / "validate.smk").read_text())
+    assert tuple(re.findall(r'"([\w.]+)"', call.group(1))) == VF.FLOOR_SOURCES
+    common = (root / "workflow" / "rules" / "common.smk").read_text()
+    namespace: dict[str, Any] = {"Path": Path}
+    exec(common[common.index("def source_hash") :], namespace)
+    assert namespace["source_hash"](*VF.FLOOR_SOURCES) == VF.source_digest()
+    package = sorted((root / "surrogate" / "validation").glob("*.py"))
+    assert len(package) > 5 and set(package) <= set(VF.source_files())
+
+
 # small subsamples and no per-bin tests: for tests of bookkeeping, not of statistics
-SMALL = [*OVERRIDES, "validate.min_bin_events=1000000", "validate.subsample.classifier_events=300",
-         "validate.subsample.voxel_classifier_events=300", "validate.subsample.fpd_events=300",
-         "validate.subsample.kpd_batch_size=200", "validate.subsample.prdc_events=300",
-         "validate.subsample.mode_classifier_events=500"]  # fmt: skip
+SMALL = [
+    *OVERRIDES,
+    "validate.min_bin_events=1000000",
+    "validate.subsample.classifier_events=300",
+    "validate.subsample.voxel_classifier_events=300",
+    "validate.subsample.fpd_events=300",
+    "validate.subsample.kpd_batch_size=200",
+    "validate.subsample.prdc_events=300",
+    "validate.subsample.mode_classifier_events=500",
+]
 ROOT_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 
 
@@ -200,13 +271,29 @@ def test_floors_file_reused_or_recomputed_changes_no_result(dataset, independent
     another seed (or a damaged one) is not trusted: the stage says so and computes its own."""
     cfg = load_config(ROOT_CONFIG, SMALL)
     floors = tmp_path / "floors.json"
-    assert V.main(["floors", "--config", str(ROOT_CONFIG), *sum((["--set", o] for o in SMALL), []),
-                   "--dataset", str(dataset), "--out", str(floors)]) == 0  # fmt: skip
+    assert (
+        V.main(
+            [
+                "floors",
+                "--config",
+                str(ROOT_CONFIG),
+                *sum((["--set", o] for o in SMALL), []),
+                "--dataset",
+                str(dataset),
+                "--out",
+                str(floors),
+            ]
+        )
+        == 0
+    )
     assert json.loads(floors.read_text())["format"] == V.FLOORS_FORMAT
     first, second = {k: v[:2000] for k, v in independent.items()}, {k: v[2000:4000] for k, v in independent.items()}
     runs = {}
-    for name, ev, kw in (("inline", second, {}), ("file", second, {"floors_path": floors}),
-                         ("workers", second, {"floors_path": floors, "threads": 2})):  # fmt: skip
+    for name, ev, kw in (
+        ("inline", second, {}),
+        ("file", second, {"floors_path": floors}),
+        ("workers", second, {"floors_path": floors, "threads": 2}),
+    ):
         (tmp_path / name).mkdir()
         runs[name] = _run(cfg, dataset, ev, tmp_path / name, None, plots=False, **kw)
     assert runs["inline"]["floors"] == "computed here" and runs["file"]["floors"] == str(floors)
@@ -233,7 +320,7 @@ def test_floors_file_reused_or_recomputed_changes_no_result(dataset, independent
 def test_failed_plotting_process_falls_back(dataset, independent, tmp_path: Path, monkeypatch, caplog) -> None:
     """If the plotting process dies, the plots are drawn in this process: all of them, no error."""
 
-    class Dying(V._Plotter):
+    class Dying(processes.Plotter):
         def __init__(self, separate: bool) -> None:
             super().__init__(False)
             self.pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -242,7 +329,7 @@ def test_failed_plotting_process_falls_back(dataset, independent, tmp_path: Path
     cfg = load_config(ROOT_CONFIG, SMALL)
     ev = {k: v[:2000] for k, v in independent.items()}
     (tmp_path / "h.jsonl").write_text('{"step": 1, "loss_d": 0.5}\n')
-    monkeypatch.setattr(V, "_Plotter", Dying)
+    monkeypatch.setattr(processes, "Plotter", Dying)
     _run(cfg, dataset, ev, tmp_path, None, threads=2, history=tmp_path / "h.jsonl")
     assert "the plotting process failed" in caplog.text
     plots = {p.name for p in (tmp_path / "out" / "plots").glob("*.png")}
@@ -256,8 +343,10 @@ def test_stage_module_imports_no_heavy_library() -> None:
     """A worker process started the "spawn" way imports the stage's main module again: under
     `python -m surrogate.validate` that is surrogate.validate, which must not drag in scikit-learn,
     scipy or matplotlib (2-3 s of CPU per process)."""
-    code = "import sys, surrogate.validate; print(sorted({m.split('.')[0] for m in sys.modules} & " \
-           "{'sklearn', 'scipy', 'matplotlib', 'torch', 'mlflow'}))"  # fmt: skip
+    code = (
+        "import sys, surrogate.validate; print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'sklearn', 'scipy', 'matplotlib', 'torch', 'mlflow'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -270,8 +359,17 @@ def test_mode_classifier_per_particle() -> None:
     pdg = np.where(np.arange(n) < 400, 22, 211)
     x = rng.normal(size=(n, 3))
     mode = np.where(pdg == 22, (x[:, 0] > 0).astype(int), 2)  # photons: two modes by feature 0; pions: one
-    train = V.RealSample(x, np.full(n, 1e4), np.zeros(n), pdg, mode, np.zeros((n, 1), np.float32), ["a", "b", "c"],
-                         None, ["f0", "f1", "f2"])  # fmt: skip
+    train = V.RealSample(
+        x,
+        np.full(n, 1e4),
+        np.zeros(n),
+        pdg,
+        mode,
+        np.zeros((n, 1), np.float32),
+        ["a", "b", "c"],
+        None,
+        ["f0", "f1", "f2"],
+    )
     clf = V.ModeClassifier(train, n, 30, 1, particles=(22, 211, 11))
     assert clf.models[211] == 2 and not isinstance(clf.models[22], int) and not isinstance(clf.models[11], int)
     test_x = np.array([[2.0, 0, 0], [-2.0, 0, 0], [2.0, 0, 0]])
@@ -302,9 +400,21 @@ def test_without_truth_modes_uses_cluster_occupancy(dataset, independent, tmp_pa
 def _matched(dataset: Path, path: Path, pool: cf.Executor | None, **kw: Any) -> V.GeneratedSample:
     real = V.load_real(dataset, "test")
     binning = V.Binning(np.array([10e3, 100e3]), np.array([0.75]), tuple(int(p) for p in np.unique(real.pdg)))
-    return V.load_generated(path, real.geometry, real.names, binning, binning.index(real.energy, real.eta, real.pdg),
-                            cap=0, feature_events=1500, chunk_events=700, voxel_events=333,
-                            rng=np.random.default_rng(4), pool=pool, workers=2, **kw)  # fmt: skip
+    return V.load_generated(
+        path,
+        real.geometry,
+        real.names,
+        binning,
+        binning.index(real.energy, real.eta, real.pdg),
+        cap=0,
+        feature_events=1500,
+        chunk_events=700,
+        voxel_events=333,
+        rng=np.random.default_rng(4),
+        pool=pool,
+        workers=2,
+        **kw,
+    )
 
 
 def test_reader_processes_equal_reading_in_line(dataset, independent, tmp_path: Path) -> None:
@@ -312,7 +422,7 @@ def test_reader_processes_equal_reading_in_line(dataset, independent, tmp_path: 
     processes equal those read in this process, bit for bit; every row is checked, matched or not,
     and a bad value is reported with the file and its rows."""
     path = _write_generated(tmp_path / "events.h5", independent)
-    pool = V._start_readers(2)
+    pool = processes.start_readers(2)
     try:
         inline, workers = _matched(dataset, path, None), _matched(dataset, path, pool)
         assert len(inline.all_energy) > 0.8 * N_GEN and inline.features.shape[0] == 1500
@@ -350,7 +460,68 @@ def test_failed_reader_process_falls_back(dataset, independent, tmp_path: Path, 
         (tmp_path / name).mkdir()
     cfg = load_config(ROOT_CONFIG, SMALL)
     inline = _run(cfg, dataset, ev, tmp_path / "inline", None, plots=False, threads=1)
-    monkeypatch.setattr(V, "_start_readers", dying)
+    monkeypatch.setattr(processes, "start_readers", dying)
     fallback = _run(cfg, dataset, ev, tmp_path / "fallback", None, plots=False, threads=2)
     assert "a reader process failed" in caplog.text and fallback["reader_processes"] == 0
     assert fallback["metrics"] == inline["metrics"]
+
+
+# ----------------------------------------------------------------------------- golden outputs
+
+#: Digests of ``summary.json`` and ``floors.json`` for the recipe below, produced by the code before
+#: surrogate/validate.py became the surrogate.validation package (commit cbb4a72): a refactor must
+#: give the same bytes. Regenerate (after a change meant to alter results) with
+#: ``SURROGATE_UPDATE_GOLDEN=1 pytest tests/test_validate.py -k golden``.
+GOLDEN = Path(__file__).resolve().parent / "data" / "validate_golden.json"
+#: SMALL with per-bin tests (every family runs), on the session fixtures: real = simulate_events(N_REAL,
+#: OVERRIDES, seed=101) split half train / half test, generated = the first 2000 of simulate_events(N_GEN,
+#: OVERRIDES, seed=202); floors with compute_floors(threads=1), the stage with run(threads=1, plots=False).
+GOLDEN_OVERRIDES = [*SMALL, "validate.min_bin_events=100"]
+#: What may differ: wall times, the floors' identity (a hash of the source code, so it changes with
+#: any edit, by design) and the dataset's path (a temporary folder).
+SUMMARY_VOLATILE = ("seconds",)
+FLOORS_VOLATILE = ("seconds", "identity", "dataset")
+
+
+def _canonical(doc: dict[str, Any], volatile: tuple[str, ...], sort_keys: bool = False) -> str:
+    """The JSON text without the volatile fields; key order kept unless ``sort_keys`` (the floors are
+    stored in the order their test families finish, which depends on the thread timing)."""
+    return json.dumps({k: v for k, v in doc.items() if k not in volatile}, indent=2, sort_keys=sort_keys)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _golden_record(summary: dict[str, Any], floors: dict[str, Any]) -> dict[str, Any]:
+    families: dict[str, list[dict[str, Any]]] = {}
+    for m in summary["metrics"]:
+        families.setdefault(m["name"].split("/")[0], []).append(m)
+    return {
+        "recipe": "tests/test_validate.py: GOLDEN_OVERRIDES on the session fixtures dataset and independent[:2000]",
+        "overrides": GOLDEN_OVERRIDES,
+        "summary_sha256": _digest(_canonical(summary, SUMMARY_VOLATILE)),
+        "floors_sha256": _digest(_canonical(floors, FLOORS_VOLATILE, sort_keys=True)),
+        "n_tests": summary["n_tests"],
+        "n_failed": summary["n_failed"],
+        # per test family, to say which one changed
+        "families_sha256": {k: _digest(json.dumps(v)) for k, v in sorted(families.items())},
+        "floor_keys": len(floors["floors"]),
+    }
+
+
+def test_outputs_equal_the_golden_ones(dataset, independent, tmp_path: Path) -> None:
+    """summary.json and floors.json (less wall times, code hash and paths) are those of the recorded run."""
+    cfg = load_config(ROOT_CONFIG, GOLDEN_OVERRIDES)
+    V.compute_floors(cfg, dataset, tmp_path / "floors.json", threads=1)
+    _run(cfg, dataset, {k: v[:2000] for k, v in independent.items()}, tmp_path, None, plots=False, threads=1)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    got = _golden_record(summary, json.loads((tmp_path / "floors.json").read_text()))
+    if os.environ.get("SURROGATE_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=2) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    changed = [k for k in want["families_sha256"] if got["families_sha256"].get(k) != want["families_sha256"][k]]
+    assert got == want, f"test families that changed: {changed}"

@@ -18,22 +18,44 @@ TINY = {
 }
 # keys of later stages, added when those stages are in the DAG
 TINY_LATER = {
-    "train": {"steps": 20, "eval_every": 10, "eval_events": 200, "checkpoint_every": 10, "batch_size": 64,
-              "log_every": 5, "generator": {"width": 64, "depth": 2}, "critic": {"width": 64, "depth": 2}},
+    "train": {
+        "steps": 20,
+        "eval_every": 10,
+        "eval_events": 200,
+        "checkpoint_every": 10,
+        "batch_size": 64,
+        "log_every": 5,
+        "generator": {"width": 64, "depth": 2},
+        "critic": {"width": 64, "depth": 2},
+    },
     "generate": {"events": 3000, "shards": 2, "batch_size": 1024},
-    "validate": {"n_boot": 5, "min_bin_events": 20,
-                 "subsample": {"classifier_events": 600, "voxel_classifier_events": 300, "classifier_iterations": 20,
-                               "fpd_events": 600, "kpd_batch_size": 100, "kpd_batches": 3, "prdc_events": 300,
-                               "mode_classifier_events": 600}},
+    "validate": {
+        "n_boot": 5,
+        "min_bin_events": 20,
+        "subsample": {
+            "classifier_events": 600,
+            "voxel_classifier_events": 300,
+            "classifier_iterations": 20,
+            "fpd_events": 600,
+            "kpd_batch_size": 100,
+            "kpd_batches": 3,
+            "prdc_events": 300,
+            "mode_classifier_events": 600,
+        },
+    },
     "report": {"log_model": True},
-}  # fmt: skip
+}
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "tiny.yaml", *args],
-        cwd=workdir, capture_output=True, text=True, env=env, timeout=900,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
 
 
@@ -89,9 +111,14 @@ def test_second_run_has_nothing_to_do(workflow_dir):
 def test_snakemake_report_builds(workflow_dir, tmp_path):
     """`snakemake --report report.html` (README) works without --cores and embeds the validation plots."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "tiny.yaml", "--report",
-                          str(tmp_path / "report.html")], cwd=workflow_dir, capture_output=True, text=True, env=env,
-                         timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--configfile", "tiny.yaml", "--report", str(tmp_path / "report.html")],
+        cwd=workflow_dir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "response.png" in (tmp_path / "report.html").read_text(errors="replace")
 

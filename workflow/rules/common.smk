@@ -21,12 +21,19 @@ def ingest_inputs(wildcards=None):
 
 
 def source_hash(*modules):
-    """sha256 of the installed modules' source, as a rule parameter: a change to the code that
-    computes a result reruns the rule (Snakemake does not track the package's code by itself)."""
+    """sha256 of the installed modules' source (a package: every .py file in it, sorted), as a rule
+    parameter: a change to the code that computes a result reruns the rule (Snakemake does not track
+    the package's code by itself). The same digest as surrogate.validation.floors.source_digest."""
     import hashlib
     import importlib.util
 
     h = hashlib.sha256()
     for name in modules:
-        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+        spec = importlib.util.find_spec(name)
+        if spec.submodule_search_locations:
+            files = sorted(p for d in spec.submodule_search_locations for p in Path(d).rglob("*.py"))
+        else:
+            files = [Path(spec.origin)]
+        for path in files:
+            h.update(path.read_bytes())
     return h.hexdigest()

@@ -6,8 +6,11 @@ rule validate_floors:
         "results/validate/floors.json",
     params:
         settings={k: config.get(k) for k in ("seed", "validate")},
-        # the stage trusts floors only from the same code (their identity hashes it): recompute them here
-        code=source_hash("surrogate.features", "surrogate.metrics", "surrogate.validate"),
+        # the stage trusts floors only from the same code (their identity hashes it): recompute them here.
+        # The names of surrogate.validation.floors.FLOOR_SOURCES (a test checks that they are the same)
+        code=source_hash(
+            "surrogate.features", "surrogate.geometry", "surrogate.metrics", "surrogate.stream", "surrogate.validation"
+        ),
     log:
         "results/logs/validate-floors.log",
     benchmark:
