@@ -33,10 +33,17 @@ def reference_sample(cfg: dict, events: int) -> tuple:
     from surrogate.simulate import simulate_events
 
     ev = simulate_events(events, cfg, seed=1)
-    pre = Preprocessor.fit(ev["showers"], ev["incident_energies"], ev["incident_eta"], ev["incident_pdg"],
-                           cfg["preprocess"], cfg["ingest"]["particles"])  # fmt: skip
-    parts = model_parts(cfg["train"], pre, from_config(cfg, ROOT), ev["showers"], ev["incident_energies"],
-                        pdg=ev["incident_pdg"])
+    pre = Preprocessor.fit(
+        ev["showers"],
+        ev["incident_energies"],
+        ev["incident_eta"],
+        ev["incident_pdg"],
+        cfg["preprocess"],
+        cfg["ingest"]["particles"],
+    )
+    parts = model_parts(
+        cfg["train"], pre, from_config(cfg, ROOT), ev["showers"], ev["incident_energies"], pdg=ev["incident_pdg"]
+    )
     x = torch.from_numpy(pre.transform_showers(ev["showers"], ev["incident_energies"]))
     c = torch.from_numpy(pre.transform_conditions(ev["incident_energies"], ev["incident_eta"], ev["incident_pdg"]))
     return x, c, parts
@@ -72,8 +79,9 @@ def measure(cfg: dict, device: torch.device, steps: int, rounds: int, sample: tu
         for p, timed in timers.items():
             best[p] = min(best[p], timed(steps))
     batch = cfg["train"]["batch_size"]
-    out: dict = {p: {"steps_per_s": steps / dt, "samples_per_s": steps * batch / dt, "steps": steps}
-                 for p, dt in best.items()}  # fmt: skip
+    out: dict = {
+        p: {"steps_per_s": steps / dt, "samples_per_s": steps * batch / dt, "steps": steps} for p, dt in best.items()
+    }
     out["bf16_speedup"] = best["fp32"] / best["bf16"]
     return out
 
@@ -92,7 +100,8 @@ def main() -> None:
     sample = reference_sample(cfg, args.events)
     result = {
         "model": {k: cfg["train"][k] for k in ("batch_size", "n_critic", "z_dim", "generator", "critic")},
-        "voxels": int(sample[0].shape[1]), "conditions": int(sample[1].shape[1]),
+        "voxels": int(sample[0].shape[1]),
+        "conditions": int(sample[1].shape[1]),
         "threads": torch.get_num_threads(),
         "cpu": measure(cfg, torch.device("cpu"), args.steps, args.rounds, sample),
     }

@@ -68,7 +68,9 @@ class ModelConfig:
     critic_threshold: bool = False  # the critic sees showers with the readout threshold applied (as generate writes)
     template_knots: int = 0  # > 0 (layered only): G corrects a fitted per-condition mean shower (ResponseTemplate)
     critic_pack: int = 1  # the critic scores packs of this many showers together (PacGAN), against mode dropping
-    critic_physics_knots: int = 0  # > 0: the critic's log energies are standardised per condition (fitted at these knots)
+    critic_physics_knots: int = (
+        0  # > 0: the critic's log energies are standardised per condition (fitted at these knots)
+    )
 
     def __post_init__(self) -> None:
         for name in ("n_voxels", "cond_dim", "z_dim", "g_width", "g_depth", "d_width", "d_depth", "critic_pack"):
@@ -123,13 +125,21 @@ class _FiLMBlock(nn.Module):
 
 def head_info(pre: Any, geometry: Any, symmetry: str = "none") -> dict[str, Any]:
     """What the ``layered`` output needs from a fitted Preprocessor and a Geometry (and the symmetry)."""
-    orientations = (geometry.orientations(reflect=symmetry == "rotate_reflect") if symmetry != "none"
-                    else np.arange(geometry.n_voxels)[None, :])  # fmt: skip
+    orientations = (
+        geometry.orientations(reflect=symmetry == "rotate_reflect")
+        if symmetry != "none"
+        else np.arange(geometry.n_voxels)[None, :]
+    )
     return {
-        "shift": pre.mean, "scale": pre.std, "transform": pre.voxel_transform, "epsilon": pre.epsilon,
-        "logit_alpha": pre.logit_alpha, "layer_sizes": [layer.n_r * layer.n_alpha for layer in geometry.active_layers],
-        "orientations": orientations, "n_particles": max(len(pre.particles), 1),
-    }  # fmt: skip
+        "shift": pre.mean,
+        "scale": pre.std,
+        "transform": pre.voxel_transform,
+        "epsilon": pre.epsilon,
+        "logit_alpha": pre.logit_alpha,
+        "layer_sizes": [layer.n_r * layer.n_alpha for layer in geometry.active_layers],
+        "orientations": orientations,
+        "n_particles": max(len(pre.particles), 1),
+    }
 
 
 class ResponseTemplate(nn.Module):
@@ -159,8 +169,10 @@ class ResponseTemplate(nn.Module):
             k = torch.as_tensor(np.asarray(fitted["knots"], dtype=np.float32))
             v = torch.as_tensor(np.asarray(fitted["values"], dtype=np.float32))
             if k.shape != (self.n_particles, knots) or v.shape != (self.n_particles, knots, width):
-                raise ModelError(f"response template: knots {tuple(k.shape)} and values {tuple(v.shape)}, expected "
-                                 f"({self.n_particles}, {knots}) and ({self.n_particles}, {knots}, {width})")
+                raise ModelError(
+                    f"response template: knots {tuple(k.shape)} and values {tuple(v.shape)}, expected "
+                    f"({self.n_particles}, {knots}) and ({self.n_particles}, {knots}, {width})"
+                )
         self.register_buffer("knots", k)
         self.register_buffer("values", v)
 
@@ -205,16 +217,19 @@ class LayeredHead(nn.Module):
         self.register_buffer("shift", torch.as_tensor(np.asarray(info["shift"], dtype=np.float32)))
         self.register_buffer("scale", torch.as_tensor(np.asarray(info["scale"], dtype=np.float32)))
         # rebuilt from the geometry on load, so not stored with the weights
-        self.register_buffer("orientations", torch.as_tensor(np.asarray(info["orientations"], dtype=np.int64)),
-                             persistent=False)
+        self.register_buffer(
+            "orientations", torch.as_tensor(np.asarray(info["orientations"], dtype=np.int64)), persistent=False
+        )
         if sum(self.layer_sizes) != len(self.shift):
-            raise ModelError(f"layered output: layers of {sum(self.layer_sizes)} voxels, "
-                             f"preprocessing of {len(self.shift)}")
+            raise ModelError(
+                f"layered output: layers of {sum(self.layer_sizes)} voxels, preprocessing of {len(self.shift)}"
+            )
         self.template = None
         if template_knots:
             width = 2 + len(self.layer_sizes) + len(self.shift)
-            self.template = ResponseTemplate(template_knots, int(info.get("n_particles", 1)), width,
-                                             info.get("template"))  # fmt: skip
+            self.template = ResponseTemplate(
+                template_knots, int(info.get("n_particles", 1)), width, info.get("template")
+            )
 
     @property
     def n_in(self) -> int:
@@ -326,15 +341,20 @@ class ShowerSums(nn.Module):
         for name in ("shift", "scale", "member", "feat_mean"):
             self.register_buffer(name, torch.as_tensor(np.asarray(info[name], dtype=np.float32)))
         if self.member.ndim != 2 or self.shift.shape != (self.member.shape[0],):
-            raise ModelError(f"critic physics: member {tuple(self.member.shape)} and shift {tuple(self.shift.shape)} "
-                             "do not describe the same voxels")  # fmt: skip
+            raise ModelError(
+                f"critic physics: member {tuple(self.member.shape)} and shift {tuple(self.shift.shape)} "
+                "do not describe the same voxels"
+            )
         if self.feat_mean.shape != (self.member.shape[1] + 1,):
-            raise ModelError(f"critic physics: feat_mean has shape {tuple(self.feat_mean.shape)}, "
-                             f"expected ({self.member.shape[1] + 1},)")  # fmt: skip
+            raise ModelError(
+                f"critic physics: feat_mean has shape {tuple(self.feat_mean.shape)}, "
+                f"expected ({self.member.shape[1] + 1},)"
+            )
         self.table = None
         if knots:
-            self.table = ResponseTemplate(knots, int(info.get("n_particles", 1)), 2 * self.n_out,
-                                          info.get("sums_table"))  # fmt: skip
+            self.table = ResponseTemplate(
+                knots, int(info.get("n_particles", 1)), 2 * self.n_out, info.get("sums_table")
+            )
 
     @property
     def n_out(self) -> int:
@@ -570,11 +590,13 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
         from surrogate.preprocess import Preprocessor
 
         try:
-            head = head_info(Preprocessor.from_dict(ckpt["preprocessing"]), Geometry.from_dict(ckpt["geometry"]),
-                             mcfg.symmetry)  # fmt: skip
+            head = head_info(
+                Preprocessor.from_dict(ckpt["preprocessing"]), Geometry.from_dict(ckpt["geometry"]), mcfg.symmetry
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{path}: output {mcfg.output!r} needs the checkpoint's preprocessing and geometry "
-                             f"({exc})") from exc  # fmt: skip
+            raise ModelError(
+                f"{path}: output {mcfg.output!r} needs the checkpoint's preprocessing and geometry ({exc})"
+            ) from exc
     G = Generator(mcfg, head)
     try:
         G.load_state_dict(ckpt["ema_state_dict"])
@@ -596,8 +618,9 @@ def sample(
     the CPU in one piece, so the result depends on neither the device nor ``batch_size``.
     """
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-    c_all = torch.as_tensor(np.asarray(conditions, dtype=np.float32) if isinstance(conditions, np.ndarray)
-                            else conditions).float()  # fmt: skip
+    c_all = torch.as_tensor(
+        np.asarray(conditions, dtype=np.float32) if isinstance(conditions, np.ndarray) else conditions
+    ).float()
     if c_all.ndim != 2:
         raise ModelError(f"conditions have shape {tuple(c_all.shape)}, expected (N, C)")
     device = next(G.parameters()).device

@@ -93,10 +93,18 @@ STATE_VERSION = 2
 # keys of the train section that may change between a checkpoint and a rerun without
 # invalidating it (how long / how often / where / what to do on trouble, not what is trained)
 _RESUMABLE_KEYS = (
-    "steps", "max_minutes", "threads", "log_every", "checkpoint_every", "eval_every", "eval_events", "eval_shape",
-    "on_nonfinite", "max_rollbacks", "on_incompatible_checkpoint",
-)  # fmt: skip
-
+    "steps",
+    "max_minutes",
+    "threads",
+    "log_every",
+    "checkpoint_every",
+    "eval_every",
+    "eval_events",
+    "eval_shape",
+    "on_nonfinite",
+    "max_rollbacks",
+    "on_incompatible_checkpoint",
+)
 
 
 def _save(obj: dict[str, Any], path: Path) -> None:
@@ -104,6 +112,7 @@ def _save(obj: dict[str, Any], path: Path) -> None:
     file, and the temporary name of an atomic write would make equal checkpoints differ in bytes."""
     with open(path, "wb") as fh:
         torch.save(obj, fh)
+
 
 class TrainError(RuntimeError):
     """A dataset, checkpoint or setting the train stage refuses, with a message naming it."""
@@ -136,23 +145,42 @@ def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> Mo
     """ModelConfig from the config's ``train`` section and the data's sizes."""
     g, d = train["generator"], train["critic"]
     return ModelConfig(
-        n_voxels=n_voxels, cond_dim=cond_dim, z_dim=train["z_dim"], g_width=g["width"], g_depth=g["depth"],
-        d_width=d["width"], d_depth=d["depth"], conditioning=train["conditioning"],
-        critic_layernorm=d["layernorm"], spectral_norm=d["spectral_norm"], minibatch_std=d["minibatch_std"],
-        output=g["output"], symmetry=g["symmetry"], critic_physics_weight=float(d["physics_weight"]),
-        critic_shape_weight=float(d["shape_weight"]), critic_threshold=bool(d["threshold"]),
-        template_knots=int(g["template_knots"]), critic_physics_knots=int(d["physics_knots"]), critic_pack=int(d["pack"]),
-    )  # fmt: skip
+        n_voxels=n_voxels,
+        cond_dim=cond_dim,
+        z_dim=train["z_dim"],
+        g_width=g["width"],
+        g_depth=g["depth"],
+        d_width=d["width"],
+        d_depth=d["depth"],
+        conditioning=train["conditioning"],
+        critic_layernorm=d["layernorm"],
+        spectral_norm=d["spectral_norm"],
+        minibatch_std=d["minibatch_std"],
+        output=g["output"],
+        symmetry=g["symmetry"],
+        critic_physics_weight=float(d["physics_weight"]),
+        critic_shape_weight=float(d["shape_weight"]),
+        critic_threshold=bool(d["threshold"]),
+        template_knots=int(g["template_knots"]),
+        critic_physics_knots=int(d["physics_knots"]),
+        critic_pack=int(d["pack"]),
+    )
 
 
 def loop_settings_from(train: dict[str, Any], precision: str) -> LoopSettings:
     """LoopSettings from the config's ``train`` section and a resolved precision (fp32 | bf16)."""
     return LoopSettings(
-        batch_size=train["batch_size"], n_critic=train["n_critic"], gp_lambda=train["gp_lambda"],
-        drift_epsilon=train["drift_epsilon"], lr_g=train["lr_g"], lr_d=train["lr_d"],
-        betas=tuple(train["betas"]), ema_decay=train["ema_decay"], ema_rampup=train["ema_rampup"],
+        batch_size=train["batch_size"],
+        n_critic=train["n_critic"],
+        gp_lambda=train["gp_lambda"],
+        drift_epsilon=train["drift_epsilon"],
+        lr_g=train["lr_g"],
+        lr_d=train["lr_d"],
+        betas=tuple(train["betas"]),
+        ema_decay=train["ema_decay"],
+        ema_rampup=train["ema_rampup"],
         precision=precision,
-    )  # fmt: skip
+    )
 
 
 def _rank_seed(seed: int, rank: int, attempt: int = 0) -> int:
@@ -178,8 +206,10 @@ class TrainState:
         physics: dict[str, Any] | None = None,
     ) -> None:
         if settings.batch_size % cfg.critic_pack:
-            raise TrainError(f"train.batch_size {settings.batch_size} is not a multiple of train.critic.pack "
-                             f"{cfg.critic_pack} (the critic scores whole packs)")  # fmt: skip
+            raise TrainError(
+                f"train.batch_size {settings.batch_size} is not a multiple of train.critic.pack "
+                f"{cfg.critic_pack} (the critic scores whole packs)"
+            )
         torch.manual_seed(seed)  # weight initialisation only (same on every rank); the loop uses self.rng
         self.model_config = cfg
         self.settings = settings
@@ -199,10 +229,14 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """Everything of this rank's training state (tensors and plain data; weights_only-loadable)."""
         return {
-            "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step,
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "step": self.step,
             "rng": self.rng.get_state(),
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; ``rng_ranks`` (one RNG state per rank) wins over ``rng``."""
@@ -302,9 +336,19 @@ def train_steps(
                     # the critic's embedding of the showers has no parameters: outside the graph
                     real_a, fake_a = D.embed(real, c), D.embed(fake.float(), c)
                 d_real, d_fake = D.score(real_a, c), D.score(fake_a, c)
-                gp = (gradient_penalty(D.score, real_a, fake_a.float(), c, s.gp_lambda, generator=state.rng,
-                                       pack=state.model_config.critic_pack)
-                      if s.gp_lambda else torch.zeros((), device=real.device))  # fmt: skip
+                gp = (
+                    gradient_penalty(
+                        D.score,
+                        real_a,
+                        fake_a.float(),
+                        c,
+                        s.gp_lambda,
+                        generator=state.rng,
+                        pack=state.model_config.critic_pack,
+                    )
+                    if s.gp_lambda
+                    else torch.zeros((), device=real.device)
+                )
                 loss_d = critic_loss(d_real, d_fake) + gp
                 if s.drift_epsilon:
                     loss_d = loss_d + drift_penalty(d_real, s.drift_epsilon)
@@ -312,8 +356,9 @@ def train_steps(
             loss_d.backward()
             loss_d = _sync(state, D, loss_d)
             if not torch.isfinite(loss_d):
-                raise NonFiniteError(f"step {step}: critic loss is {float(loss_d)} "
-                                     "(lower train.lr_d or raise train.gp_lambda)")  # fmt: skip
+                raise NonFiniteError(
+                    f"step {step}: critic loss is {float(loss_d)} (lower train.lr_d or raise train.gp_lambda)"
+                )
             if i == s.n_critic - 1:  # the norm costs a sync per parameter: only for the logged step
                 gnorm_d = _grad_norm(D)
             state.opt_d.step()
@@ -337,9 +382,13 @@ def train_steps(
                 p_ema.lerp_(p, 1.0 - beta)
         state.step = step
         metrics = {
-            "loss_d": float(loss_d), "loss_g": float(loss_g), "wasserstein": float(wdist), "gp": float(gp.detach()),
-            "grad_norm_d": gnorm_d, "grad_norm_g": gnorm_g,
-        }  # fmt: skip
+            "loss_d": float(loss_d),
+            "loss_g": float(loss_g),
+            "wasserstein": float(wdist),
+            "gp": float(gp.detach()),
+            "grad_norm_d": gnorm_d,
+            "grad_norm_g": gnorm_g,
+        }
         if on_step is not None:
             on_step(step, metrics)
     return metrics
@@ -410,8 +459,13 @@ def physics_score(
 
 
 def model_parts(
-    train: dict[str, Any], pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray,
-    threshold_mev: float | None = None, pdg: np.ndarray | None = None,
+    train: dict[str, Any],
+    pre: Any,
+    geometry: Any,
+    showers: np.ndarray,
+    energies: np.ndarray,
+    threshold_mev: float | None = None,
+    pdg: np.ndarray | None = None,
 ) -> tuple[ModelConfig, dict[str, Any] | None, dict[str, Any] | None]:
     """(ModelConfig, generator head info, critic physics info) for the config's ``train`` section,
     a fitted Preprocessor, a Geometry and training showers (N, V) MeV with energies (N, 1) MeV
@@ -423,8 +477,11 @@ def model_parts(
     if head is not None and mcfg.template_knots:
         head["template"] = response_template(pre, geometry, showers, energies, pdg, mcfg.template_knots)
     wants = mcfg.critic_physics_weight > 0 or mcfg.critic_shape_weight > 0 or mcfg.critic_threshold
-    physics = (critic_physics(pre, geometry, showers, energies, threshold_mev, pdg, mcfg.critic_physics_knots)
-               if wants else None)  # fmt: skip
+    physics = (
+        critic_physics(pre, geometry, showers, energies, threshold_mev, pdg, mcfg.critic_physics_knots)
+        if wants
+        else None
+    )
     return mcfg, head, physics
 
 
@@ -449,8 +506,9 @@ def _knot_groups(
     for p, code in enumerate(particles):
         sel = np.flatnonzero(codes == code) if code is not None else np.arange(len(e))
         if len(sel) < 2 * knots:
-            raise TrainError(f"per-condition tables: {len(sel)} training events of particle {code}, "
-                             f"too few for {knots} knots")  # fmt: skip
+            raise TrainError(
+                f"per-condition tables: {len(sel)} training events of particle {code}, too few for {knots} knots"
+            )
         edges = np.quantile(c0[sel], np.linspace(0, 1, knots + 1))
         which = np.clip(np.searchsorted(edges, c0[sel], side="right") - 1, 0, knots - 1)
         groups.append([sel[which == k] for k in range(knots)])
@@ -511,8 +569,13 @@ def _sums_table(pre: Any, feats: np.ndarray, energies: np.ndarray, pdg: np.ndarr
 
 
 def critic_physics(
-    pre: Any, geometry: Any, showers: np.ndarray, energies: np.ndarray, threshold_mev: float | None = None,
-    pdg: np.ndarray | None = None, knots: int = 0,
+    pre: Any,
+    geometry: Any,
+    showers: np.ndarray,
+    energies: np.ndarray,
+    threshold_mev: float | None = None,
+    pdg: np.ndarray | None = None,
+    knots: int = 0,
 ) -> dict[str, Any]:
     """The arrays of the critic's physics inputs (:class:`surrogate.models.ShowerSums`,
     :class:`~surrogate.models.ShowerShape`, :class:`~surrogate.models.ReadoutThreshold`) for this
@@ -535,11 +598,19 @@ def critic_physics(
         threshold_mev = float(positive.min()) if positive.size else 1e-3
     vx, vy = geometry.voxel_xy()
     info = {
-        "transform": pre.voxel_transform, "epsilon": pre.epsilon, "logit_alpha": pre.logit_alpha,
-        "shift": pre.mean, "scale": pre.std, "member": member, "feat_mean": feats.mean(axis=0),
-        "threshold_mev": float(threshold_mev), "log_e_range": [float(np.log(v)) for v in pre.energy_range_mev],
-        "vx": vx.astype(np.float32), "vy": vy.astype(np.float32), "n_particles": max(len(pre.particles), 1),
-    }  # fmt: skip
+        "transform": pre.voxel_transform,
+        "epsilon": pre.epsilon,
+        "logit_alpha": pre.logit_alpha,
+        "shift": pre.mean,
+        "scale": pre.std,
+        "member": member,
+        "feat_mean": feats.mean(axis=0),
+        "threshold_mev": float(threshold_mev),
+        "log_e_range": [float(np.log(v)) for v in pre.energy_range_mev],
+        "vx": vx.astype(np.float32),
+        "vy": vy.astype(np.float32),
+        "n_particles": max(len(pre.particles), 1),
+    }
     if knots:
         info["sums_table"] = _sums_table(pre, feats, energies, pdg, knots)
     # the shape features' spread, through the module itself (unit scaling) on the real showers
@@ -579,8 +650,9 @@ def load_split(path: str | Path, split: str) -> dict[str, np.ndarray]:
             raise TrainError(f"{path}: {split}/{k} has {len(v)} rows but {split}/showers has {n}")
         bad = ~np.isfinite(v.reshape(n, -1)).all(axis=1) if v.dtype.kind == "f" else np.zeros(n, bool)
         if bad.any():
-            raise TrainError(f"{path}: {split}/{k} has non-finite values in {int(bad.sum())} row(s), "
-                             f"first row {int(np.argmax(bad))}")  # fmt: skip
+            raise TrainError(
+                f"{path}: {split}/{k} has non-finite values in {int(bad.sum())} row(s), first row {int(np.argmax(bad))}"
+            )
     return out
 
 
@@ -600,15 +672,25 @@ def _dataset_attrs(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- stage
 
 
-def _compat(cfg: dict[str, Any], model_config: ModelConfig, attrs: dict[str, Any], n_train: int,
-            world_size: int) -> dict[str, Any]:  # fmt: skip
+def _compat(
+    cfg: dict[str, Any], model_config: ModelConfig, attrs: dict[str, Any], n_train: int, world_size: int
+) -> dict[str, Any]:
     """What a checkpoint must share with a rerun to be resumed (JSON-normalised)."""
     train = {k: v for k, v in cfg["train"].items() if k not in _RESUMABLE_KEYS}
-    return json.loads(json.dumps({
-        "seed": cfg["seed"], "train": train, "model_config": model_config.to_dict(),
-        "preprocessing": attrs["preprocessing"], "condition_names": attrs["condition_names"], "n_train": n_train,
-        "world_size": world_size,
-    }, sort_keys=True))  # fmt: skip
+    return json.loads(
+        json.dumps(
+            {
+                "seed": cfg["seed"],
+                "train": train,
+                "model_config": model_config.to_dict(),
+                "preprocessing": attrs["preprocessing"],
+                "condition_names": attrs["condition_names"],
+                "n_train": n_train,
+                "world_size": world_size,
+            },
+            sort_keys=True,
+        )
+    )
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -649,8 +731,10 @@ def _load_state(path: Path) -> dict[str, Any]:
         raise TrainError(f"{path}: unreadable training checkpoint ({why}); rerun with --restart to discard it") from exc
     if not isinstance(ckpt, dict) or ckpt.get("state_version") != STATE_VERSION:
         version = ckpt.get("state_version") if isinstance(ckpt, dict) else None
-        raise TrainError(f"{path}: checkpoint state_version {version!r}, this code resumes {STATE_VERSION}; "
-                         "rerun with --restart to discard it")  # fmt: skip
+        raise TrainError(
+            f"{path}: checkpoint state_version {version!r}, this code resumes {STATE_VERSION}; "
+            "rerun with --restart to discard it"
+        )
     return ckpt
 
 
@@ -710,8 +794,16 @@ def run(
             dist.destroy_process_group()
 
 
-def _run(cfg: dict[str, Any], dataset: Path, out: Path, device: torch.device, rank: int, world: int,
-         restart: bool, progress: bool) -> dict[str, Any]:  # fmt: skip
+def _run(
+    cfg: dict[str, Any],
+    dataset: Path,
+    out: Path,
+    device: torch.device,
+    rank: int,
+    world: int,
+    restart: bool,
+    progress: bool,
+) -> dict[str, Any]:
     from surrogate.geometry import Geometry
     from surrogate.preprocess import Preprocessor
 
@@ -727,11 +819,17 @@ def _run(cfg: dict[str, Any], dataset: Path, out: Path, device: torch.device, ra
         raise TrainError(f"{dataset}: the train split is empty")
     x = torch.from_numpy(pre.transform_showers(tr["showers"], tr["incident_energies"])).to(device)
     c = torch.from_numpy(np.asarray(tr["conditions"], dtype=np.float32)).to(device)
-    mcfg, head, physics = model_parts(tcfg, pre, geometry, tr["showers"], tr["incident_energies"],
-                                      attrs.get("readout_threshold_mev"), tr["incident_pdg"])  # fmt: skip
+    mcfg, head, physics = model_parts(
+        tcfg,
+        pre,
+        geometry,
+        tr["showers"],
+        tr["incident_energies"],
+        attrs.get("readout_threshold_mev"),
+        tr["incident_pdg"],
+    )
     del tr
-    state = TrainState(mcfg, loop_settings_from(tcfg, precision), device, int(cfg["seed"]), rank, world, head,
-                       physics)  # fmt: skip
+    state = TrainState(mcfg, loop_settings_from(tcfg, precision), device, int(cfg["seed"]), rank, world, head, physics)
     compat = _compat(cfg, mcfg, attrs, len(x), world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -745,8 +843,18 @@ def _run(cfg: dict[str, Any], dataset: Path, out: Path, device: torch.device, ra
 class _Trainer:
     """The stage around :func:`train_steps`: resume, scoring, history, checkpoints, outputs."""
 
-    def __init__(self, cfg, state: TrainState, pre, geometry, attrs: dict[str, Any], va: dict[str, np.ndarray],
-                 out: Path, compat: dict[str, Any], progress: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        state: TrainState,
+        pre,
+        geometry,
+        attrs: dict[str, Any],
+        va: dict[str, np.ndarray],
+        out: Path,
+        compat: dict[str, Any],
+        progress: bool,
+    ) -> None:
         self.cfg, self.tcfg, self.state, self.pre, self.geometry = cfg, cfg["train"], state, pre, geometry
         self.attrs, self.progress = attrs, progress
         self.out, self.compat, self.lead = out, compat, state.rank == 0
@@ -769,25 +877,37 @@ class _Trainer:
             if not diffs:
                 self._restore(ckpt)
                 self.start_step = self.state.step
-                log.info("resuming from %s at step %d (best score %.4g at step %d)", self.state_path,
-                         self.state.step, self.best["score"], self.best["step"])  # fmt: skip
+                log.info(
+                    "resuming from %s at step %d (best score %.4g at step %d)",
+                    self.state_path,
+                    self.state.step,
+                    self.best["score"],
+                    self.best["step"],
+                )
                 return
             if self.tcfg["on_incompatible_checkpoint"] != "restart":
                 raise TrainError(
                     f"{self.state_path}: checkpoint at step {ckpt['step']} was made with a different config: "
-                    + "; ".join(diffs[:5]) + ". Rerun with --restart (or train.on_incompatible_checkpoint=restart)"
+                    + "; ".join(diffs[:5])
+                    + ". Rerun with --restart (or train.on_incompatible_checkpoint=restart)"
                     " to start over (the checkpoint is discarded), or restore the old config to resume."
-                )  # fmt: skip
-            log.warning("%s: config changed (%s): train.on_incompatible_checkpoint=restart, starting at step 0",
-                        self.state_path, "; ".join(diffs[:5]))  # fmt: skip
+                )
+            log.warning(
+                "%s: config changed (%s): train.on_incompatible_checkpoint=restart, starting at step 0",
+                self.state_path,
+                "; ".join(diffs[:5]),
+            )
         if self.lead:
             self.state_path.unlink(missing_ok=True)
             self.history_path.unlink(missing_ok=True)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.state.load_state_dict(ckpt)
-        self.best = {"score": float(ckpt["best_score"]), "step": int(ckpt["best_step"]),
-                     "weights": ckpt["best_weights"]}  # fmt: skip
+        self.best = {
+            "score": float(ckpt["best_score"]),
+            "step": int(ckpt["best_step"]),
+            "weights": ckpt["best_weights"],
+        }
         self.wall_before = float(ckpt["wall_seconds"])
         if self.lead:
             _truncate_history(self.history_path, self.state.step)
@@ -802,8 +922,14 @@ class _Trainer:
             raise exc
         self.rollbacks += 1
         ckpt = _load_state(self.state_path)
-        log.warning("%s; rolling back to step %d of %s (rollback %d of %d, new random stream)", exc, ckpt["step"],
-                    self.state_path, self.rollbacks, limit)  # fmt: skip
+        log.warning(
+            "%s; rolling back to step %d of %s (rollback %d of %d, new random stream)",
+            exc,
+            ckpt["step"],
+            self.state_path,
+            self.rollbacks,
+            limit,
+        )
         wall = self.wall_before  # this run's clock keeps running: only the model goes back
         self._restore(ckpt)
         self.wall_before = wall
@@ -819,12 +945,21 @@ class _Trainer:
             return {"score": float("nan")}
         # a fixed latent seed: scores of different steps differ by the model, not by the noise
         z_seed = int(self.cfg["seed"])
-        gen = self.pre.inverse_showers(sample(self.state.G_ema, self.ev["conditions"], z_seed).numpy(),
-                                       self.ev["incident_energies"])  # fmt: skip
+        gen = self.pre.inverse_showers(
+            sample(self.state.G_ema, self.ev["conditions"], z_seed).numpy(), self.ev["incident_energies"]
+        )
         ev, t = self.ev, self.tcfg
-        return physics_score(ev["showers"], gen, ev["incident_energies"], self.geometry, ev["incident_pdg"],
-                             t["eval_energy_bins"], t["eval_hist_bins"], t["eval_shape"],
-                             float(self.attrs.get("readout_threshold_mev", 0.0)))  # fmt: skip
+        return physics_score(
+            ev["showers"],
+            gen,
+            ev["incident_energies"],
+            self.geometry,
+            ev["incident_pdg"],
+            t["eval_energy_bins"],
+            t["eval_hist_bins"],
+            t["eval_shape"],
+            float(self.attrs.get("readout_threshold_mev", 0.0)),
+        )
 
     def consider(self, step: int) -> dict[str, float]:
         """Score the EMA generator; keep its weights when it is the best so far."""
@@ -846,11 +981,19 @@ class _Trainer:
             return
         weights = self.best["weights"] if self.best["weights"] is not None else self.state.G_ema.state_dict()
         with atomic_path(self.state_path) as tmp:
-            _save({
-                "state_version": STATE_VERSION, "compat_json": json.dumps(self.compat, sort_keys=True),
-                **self.state.state_dict(), "rng_ranks": rngs, "best_score": self.best["score"],
-                "best_step": self.best["step"], "best_weights": weights, "wall_seconds": self.wall_before + elapsed,
-            }, tmp)  # fmt: skip
+            _save(
+                {
+                    "state_version": STATE_VERSION,
+                    "compat_json": json.dumps(self.compat, sort_keys=True),
+                    **self.state.state_dict(),
+                    "rng_ranks": rngs,
+                    "best_score": self.best["score"],
+                    "best_step": self.best["step"],
+                    "best_weights": weights,
+                    "wall_seconds": self.wall_before + elapsed,
+                },
+                tmp,
+            )
 
     # ---- loop
     def loop(self, x: torch.Tensor, c: torch.Tensor, t_start: float) -> bool:
@@ -862,9 +1005,17 @@ class _Trainer:
         state, tcfg, world = self.state, self.tcfg, self.state.world_size
         steps, cap = int(tcfg["steps"]), float(tcfg["max_minutes"]) * 60.0
         log_every, ckpt_every, eval_every = (int(tcfg[k]) for k in ("log_every", "checkpoint_every", "eval_every"))
-        log.info("training G %s / D %s parameters on %s (%s, %d rank(s)), %d events, steps %d -> %d",
-                 f"{count_parameters(state.G):,}", f"{count_parameters(state.D):,}", state.device,
-                 state.settings.precision, world, len(x), state.step, steps)  # fmt: skip
+        log.info(
+            "training G %s / D %s parameters on %s (%s, %d rank(s)), %d events, steps %d -> %d",
+            f"{count_parameters(state.G):,}",
+            f"{count_parameters(state.D):,}",
+            state.device,
+            state.settings.precision,
+            world,
+            len(x),
+            state.step,
+            steps,
+        )
         t0, stopped_early = time.perf_counter(), False
         deadline = t_start + cap - self.wall_before
         self.history_path.parent.mkdir(parents=True, exist_ok=True)
@@ -884,13 +1035,18 @@ class _Trainer:
                 stopped_early = _any_rank(state.step < nxt or time.perf_counter() > deadline, world, state.device)
                 if state.step == before:
                     break
-                row: dict[str, Any] = {"step": state.step, **m, "steps_per_s": rate,
-                                       "wall_seconds": self.wall_before + time.perf_counter() - t0}  # fmt: skip
+                row: dict[str, Any] = {
+                    "step": state.step,
+                    **m,
+                    "steps_per_s": rate,
+                    "wall_seconds": self.wall_before + time.perf_counter() - t0,
+                }
                 if self.lead and (state.step % eval_every == 0 or state.step == steps or stopped_early):
                     sc = self.consider(state.step)
                     row.update(val_score=sc["score"], **{f"val_{k}": v for k, v in sc.items() if k != "score"})
-                    bar.set_postfix(score=f"{sc['score']:.3g}", best=f"{self.best['score']:.3g}",
-                                    W=f"{m['wasserstein']:.3g}")  # fmt: skip
+                    bar.set_postfix(
+                        score=f"{sc['score']:.3g}", best=f"{self.best['score']:.3g}", W=f"{m['wasserstein']:.3g}"
+                    )
                 if self.lead:
                     _append_history(self.history_path, row)
                 if state.step % ckpt_every == 0 or state.step == steps or stopped_early:
@@ -900,8 +1056,12 @@ class _Trainer:
         self.elapsed = time.perf_counter() - t0
         stopped_early = state.step < steps
         if stopped_early:
-            log.warning("stopped at step %d of %d: train.max_minutes=%s reached (raise it and rerun to continue)",
-                        state.step, steps, tcfg["max_minutes"])  # fmt: skip
+            log.warning(
+                "stopped at step %d of %d: train.max_minutes=%s reached (raise it and rerun to continue)",
+                state.step,
+                steps,
+                tcfg["max_minutes"],
+            )
         return stopped_early
 
     # ---- outputs
@@ -917,29 +1077,50 @@ class _Trainer:
             self.consider(state.step)
         trained = state.step - self.start_step
         summary = {
-            "steps": state.step, "wall_seconds": self.wall_before + self.elapsed,
+            "steps": state.step,
+            "wall_seconds": self.wall_before + self.elapsed,
             "stage_seconds": time.perf_counter() - t_start,
             "steps_per_second": trained / max(self.elapsed, 1e-9),
             "samples_per_second": trained * state.settings.batch_size * state.world_size / max(self.elapsed, 1e-9),
-            "best_step": self.best["step"], "best_score": self.best["score"], "device": str(state.device),
-            "precision": state.settings.precision, "threads": torch.get_num_threads(), "world_size": state.world_size,
-            "stopped_early": stopped_early, "resumed_from_step": self.start_step, "rollbacks": self.rollbacks,
+            "best_step": self.best["step"],
+            "best_score": self.best["score"],
+            "device": str(state.device),
+            "precision": state.settings.precision,
+            "threads": torch.get_num_threads(),
+            "world_size": state.world_size,
+            "stopped_early": stopped_early,
+            "resumed_from_step": self.start_step,
+            "rollbacks": self.rollbacks,
             "parameters": {"generator": count_parameters(state.G), "critic": count_parameters(state.D)},
-        }  # fmt: skip
+        }
         if self.lead:
             gen_path = self.out / "generator.pt"
             with atomic_path(gen_path) as tmp:
-                _save({
-                    "format_version": FORMAT_VERSION, "model_config": state.model_config.to_dict(),
-                    "ema_state_dict": self.best["weights"], "preprocessing": self.attrs["preprocessing"],
-                    "condition_names": list(self.attrs["condition_names"]), "geometry": self.attrs["geometry"],
-                    "step": int(self.best["step"]), "score": float(self.best["score"]),
-                    "steps_trained": int(state.step), "precision": state.settings.precision,
-                    "seed": int(self.cfg["seed"]),
-                }, tmp)  # fmt: skip
+                _save(
+                    {
+                        "format_version": FORMAT_VERSION,
+                        "model_config": state.model_config.to_dict(),
+                        "ema_state_dict": self.best["weights"],
+                        "preprocessing": self.attrs["preprocessing"],
+                        "condition_names": list(self.attrs["condition_names"]),
+                        "geometry": self.attrs["geometry"],
+                        "step": int(self.best["step"]),
+                        "score": float(self.best["score"]),
+                        "steps_trained": int(state.step),
+                        "precision": state.settings.precision,
+                        "seed": int(self.cfg["seed"]),
+                    },
+                    tmp,
+                )
             write_json(self.out / "summary.json", summary)
-            log.info("wrote %s: best score %.4g at step %d of %d (%.1f steps/s)", gen_path, self.best["score"],
-                     self.best["step"], state.step, summary["steps_per_second"])  # fmt: skip
+            log.info(
+                "wrote %s: best score %.4g at step %d of %d (%.1f steps/s)",
+                gen_path,
+                self.best["score"],
+                self.best["step"],
+                state.step,
+                summary["steps_per_second"],
+            )
         return summary
 
 
@@ -955,8 +1136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--restart", action="store_true", help="discard OUT/state/ and start from step 0")
     args, cfg = parse_stage_args(parser, argv)
     try:
-        run(cfg, args.dataset, args.out, threads=args.threads, restart=args.restart,
-            progress=os.environ.get("SURROGATE_PROGRESS", "1") != "0")  # fmt: skip
+        run(
+            cfg,
+            args.dataset,
+            args.out,
+            threads=args.threads,
+            restart=args.restart,
+            progress=os.environ.get("SURROGATE_PROGRESS", "1") != "0",
+        )
     except TrainError as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     return 0

@@ -65,8 +65,18 @@ def test_load_generator_and_sample_are_seeded(tmp_path):
     torch.manual_seed(2)
     G, _ = build_models(CFG)
     path = tmp_path / "generator.pt"
-    torch.save({"format_version": FORMAT_VERSION, "model_config": CFG.to_dict(), "ema_state_dict": G.state_dict(),
-                "preprocessing": {}, "condition_names": ["a", "b", "c"], "geometry": {}, "step": 3}, path)
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model_config": CFG.to_dict(),
+            "ema_state_dict": G.state_dict(),
+            "preprocessing": {},
+            "condition_names": ["a", "b", "c"],
+            "geometry": {},
+            "step": 3,
+        },
+        path,
+    )
     G2, meta = load_generator(path, "cpu")
     assert not G2.training and meta["step"] == 3 and "ema_state_dict" not in meta
     c = torch.rand(10, 3)
@@ -102,8 +112,9 @@ def fitted():
 
 
 def _layered(pre, **kw):
-    cfg = ModelConfig(n_voxels=7, cond_dim=1, z_dim=4, g_width=16, g_depth=2, d_width=16, d_depth=2,
-                      output="layered", **kw)  # fmt: skip
+    cfg = ModelConfig(
+        n_voxels=7, cond_dim=1, z_dim=4, g_width=16, g_depth=2, d_width=16, d_depth=2, output="layered", **kw
+    )
     return cfg, head_info(pre, GEOM)
 
 
@@ -162,14 +173,25 @@ def test_layered_generator_loads_from_its_checkpoint_alone(tmp_path, fitted):
     torch.manual_seed(4)
     G, _ = build_models(cfg, info)
     path = tmp_path / "generator.pt"
-    torch.save({"format_version": FORMAT_VERSION, "model_config": cfg.to_dict(), "ema_state_dict": G.state_dict(),
-                "preprocessing": pre.to_dict(), "condition_names": ["log_energy"], "geometry": GEOM.to_dict(),
-                "step": 1}, path)  # fmt: skip
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model_config": cfg.to_dict(),
+            "ema_state_dict": G.state_dict(),
+            "preprocessing": pre.to_dict(),
+            "condition_names": ["log_energy"],
+            "geometry": GEOM.to_dict(),
+            "step": 1,
+        },
+        path,
+    )
     G2, _ = load_generator(path)
     c = torch.rand(6, 1)
     assert torch.equal(sample(G2, c, seed=1), sample(G, c, seed=1))
-    torch.save({"format_version": FORMAT_VERSION, "model_config": cfg.to_dict(), "ema_state_dict": G.state_dict(),
-                "step": 1}, tmp_path / "bare.pt")  # fmt: skip
+    torch.save(
+        {"format_version": FORMAT_VERSION, "model_config": cfg.to_dict(), "ema_state_dict": G.state_dict(), "step": 1},
+        tmp_path / "bare.pt",
+    )
     with pytest.raises(ModelError, match="bare.pt.*needs the checkpoint's preprocessing and geometry"):
         load_generator(tmp_path / "bare.pt")
 
@@ -184,6 +206,7 @@ def test_symmetric_generator_spreads_orientations_and_stays_seeded(fitted):
     c = torch.zeros(4000, 1)
     x = sample(G, c, seed=2).numpy()
     assert np.array_equal(x, sample(G, c, seed=2).numpy())
+
     def half_ratio(gen):
         u = pre.inverse_showers(sample(gen, c, seed=2).numpy(), np.full((4000, 1), 1e4, dtype=np.float32))
         return u[:, :2].sum(1).mean() / u[:, 2:4].sum(1).mean()  # layer 0's two angular halves
@@ -274,14 +297,24 @@ def test_response_template_is_the_mean_shower_and_loads_with_the_generator(tmp_p
     u = out[at].astype(np.float64) / energies[at]
     np.testing.assert_allclose(np.log(u.sum(axis=1)), tpl["values"][0, :, 0], atol=0.02)
     share0 = np.exp(tpl["values"][0, :, 2])
-    np.testing.assert_allclose(u[:, :4].sum(axis=1) / u.sum(axis=1), share0 / (share0 + np.exp(tpl["values"][0, :, 3])),
-                               rtol=1e-3)  # fmt: skip
+    np.testing.assert_allclose(
+        u[:, :4].sum(axis=1) / u.sum(axis=1), share0 / (share0 + np.exp(tpl["values"][0, :, 3])), rtol=1e-3
+    )
     torch.manual_seed(6)
     G, _ = build_models(cfg, {**info, "template": tpl})
     path = tmp_path / "generator.pt"
-    torch.save({"format_version": FORMAT_VERSION, "model_config": cfg.to_dict(), "ema_state_dict": G.state_dict(),
-                "preprocessing": pre.to_dict(), "condition_names": pre.condition_names, "geometry": GEOM.to_dict(),
-                "step": 1}, path)  # fmt: skip
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "model_config": cfg.to_dict(),
+            "ema_state_dict": G.state_dict(),
+            "preprocessing": pre.to_dict(),
+            "condition_names": pre.condition_names,
+            "geometry": GEOM.to_dict(),
+            "step": 1,
+        },
+        path,
+    )
     G2, _ = load_generator(path)
     z = torch.randn(8, 4)
     assert torch.equal(G.eval()(z, c[:8]), G2(z, c[:8]))

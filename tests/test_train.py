@@ -72,8 +72,9 @@ def _toy_state(n_critic: int, gp_lambda: float) -> TrainState:
     # batches of 256: with 64, whether 800 steps reached the ring depended on the seed and on the CPU's
     # rounding (seeds 0 and 1 stopped at radius 1.46 and 1.56 on an AMD EPYC Zen 3); with 256 four seeds
     # reach 1.92-1.94 there, at about the same time per step on these tiny networks
-    settings = LoopSettings(batch_size=256, n_critic=n_critic, gp_lambda=gp_lambda, lr_g=1e-3, lr_d=3e-3,
-                            ema_decay=0.99, precision="fp32")  # fmt: skip
+    settings = LoopSettings(
+        batch_size=256, n_critic=n_critic, gp_lambda=gp_lambda, lr_g=1e-3, lr_d=3e-3, ema_decay=0.99, precision="fp32"
+    )
     return TrainState(cfg, settings, torch.device("cpu"), seed=0)
 
 
@@ -119,11 +120,16 @@ def test_non_finite_loss_names_the_step():
 
 # --------------------------------------------------------------------------- stage on a tiny dataset
 
-GEOMETRY = Geometry.from_dict({"name": "tiny", "layers": [
-    {"id": 0, "r_edges": [0, 10, 30], "n_bin_alpha": 2},
-    {"id": 1, "r_edges": [0], "n_bin_alpha": 1},
-    {"id": 2, "r_edges": [0, 20, 50], "n_bin_alpha": 1},
-]})  # fmt: skip
+GEOMETRY = Geometry.from_dict(
+    {
+        "name": "tiny",
+        "layers": [
+            {"id": 0, "r_edges": [0, 10, 30], "n_bin_alpha": 2},
+            {"id": 1, "r_edges": [0], "n_bin_alpha": 1},
+            {"id": 2, "r_edges": [0, 20, 50], "n_bin_alpha": 1},
+        ],
+    }
+)
 
 
 def _events(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -131,8 +137,12 @@ def _events(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     pdg = rng.choice([22, 211], (n, 1)).astype(np.int32)
     frac = rng.dirichlet(np.ones(GEOMETRY.n_voxels), n) * rng.uniform(0.5, 1.0, (n, 1))
     showers = (frac * e * (rng.random(frac.shape) > 0.2)).astype(np.float32)
-    return {"showers": showers, "incident_energies": e, "incident_eta": rng.uniform(0, 1.5, (n, 1)).astype(np.float32),
-            "incident_pdg": pdg}  # fmt: skip
+    return {
+        "showers": showers,
+        "incident_energies": e,
+        "incident_eta": rng.uniform(0, 1.5, (n, 1)).astype(np.float32),
+        "incident_pdg": pdg,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +151,14 @@ def dataset(tmp_path_factory) -> Path:
     rng = np.random.default_rng(5)
     splits = {name: _events(n, rng) for name, n in (("train", 600), ("val", 300), ("test", 100))}
     tr = splits["train"]
-    pre = Preprocessor.fit(tr["showers"], tr["incident_energies"], tr["incident_eta"], tr["incident_pdg"],
-                           {"voxel_transform": "log", "epsilon": 1e-6}, [22, 211])  # fmt: skip
+    pre = Preprocessor.fit(
+        tr["showers"],
+        tr["incident_energies"],
+        tr["incident_eta"],
+        tr["incident_pdg"],
+        {"voxel_transform": "log", "epsilon": 1e-6},
+        [22, 211],
+    )
     path = tmp_path_factory.mktemp("ingest") / "dataset.h5"
     with h5py.File(path, "w") as f:
         for name, d in splits.items():
@@ -161,10 +177,24 @@ def dataset(tmp_path_factory) -> Path:
     return path
 
 
-TINY = ["device=cpu", "train.batch_size=32", "train.z_dim=4", "train.generator.width=16", "train.generator.depth=1",
-        "train.critic.width=16", "train.critic.depth=1", "train.n_critic=2", "train.precision=fp32",
-        "train.threads=1", "train.log_every=2", "train.checkpoint_every=2", "train.eval_every=4",
-        "train.eval_events=300", "train.eval_energy_bins=2", "train.eval_hist_bins=5"]  # fmt: skip
+TINY = [
+    "device=cpu",
+    "train.batch_size=32",
+    "train.z_dim=4",
+    "train.generator.width=16",
+    "train.generator.depth=1",
+    "train.critic.width=16",
+    "train.critic.depth=1",
+    "train.n_critic=2",
+    "train.precision=fp32",
+    "train.threads=1",
+    "train.log_every=2",
+    "train.checkpoint_every=2",
+    "train.eval_every=4",
+    "train.eval_events=300",
+    "train.eval_energy_bins=2",
+    "train.eval_hist_bins=5",
+]
 
 
 def _cfg(*overrides: str) -> dict:
@@ -177,11 +207,24 @@ def _steps(out: Path) -> list[int]:
 
 def test_cli_writes_a_loadable_generator(dataset, tmp_path):
     out = tmp_path / "train"
-    assert main(["--config", str(ROOT / "config.yaml"), "--dataset", str(dataset), "--out", str(out),
-                 *sum((["--set", s] for s in [*TINY, "train.steps=8"]), [])]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "config.yaml"),
+                "--dataset",
+                str(dataset),
+                "--out",
+                str(out),
+                *sum((["--set", s] for s in [*TINY, "train.steps=8"]), []),
+            ]
+        )
+        == 0
+    )
     G, meta = load_generator(out / "generator.pt", "cpu")
-    assert {"format_version", "model_config", "preprocessing", "condition_names", "geometry", "step",
-            "score"} <= set(meta)  # fmt: skip
+    assert {"format_version", "model_config", "preprocessing", "condition_names", "geometry", "step", "score"} <= set(
+        meta
+    )
     assert meta["condition_names"] == ["log_energy", "eta", "pdg_22", "pdg_211"] and meta["step"] in (4, 8)
     pre, geo = Preprocessor.from_dict(meta["preprocessing"]), Geometry.from_dict(meta["geometry"])
     with h5py.File(dataset) as f:
@@ -193,8 +236,16 @@ def test_cli_writes_a_loadable_generator(dataset, tmp_path):
     assert summary["parameters"]["generator"] > 0 and summary["steps_per_second"] > 0
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
-    assert {"loss_d", "loss_g", "wasserstein", "gp", "grad_norm_d", "grad_norm_g", "steps_per_s",
-            "wall_seconds"} <= set(rows[0]) and "val_score" in rows[1]  # fmt: skip
+    assert {
+        "loss_d",
+        "loss_g",
+        "wasserstein",
+        "gp",
+        "grad_norm_d",
+        "grad_norm_g",
+        "steps_per_s",
+        "wall_seconds",
+    } <= set(rows[0]) and "val_score" in rows[1]
     assert (out / "state" / "checkpoint.pt").exists() and (out / "config.yaml").exists()
 
 
@@ -228,8 +279,7 @@ def test_incompatible_checkpoint_is_refused_unless_restart(dataset, tmp_path):
     summary = run(_cfg("train.steps=2", "train.lr_g=0.01"), dataset, tmp_path, restart=True, progress=False)
     assert summary["resumed_from_step"] == 0 and _steps(tmp_path) == [2]
     # or by config (for Snakemake runs, where no --restart reaches the stage)
-    summary = run(_cfg("train.steps=2", "train.on_incompatible_checkpoint=restart"), dataset, tmp_path,
-                  progress=False)  # fmt: skip
+    summary = run(_cfg("train.steps=2", "train.on_incompatible_checkpoint=restart"), dataset, tmp_path, progress=False)
     assert summary["resumed_from_step"] == 0 and _steps(tmp_path) == [2]
 
 
@@ -283,8 +333,12 @@ def test_rollback_gives_up_after_max_rollbacks(dataset, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "generator_loss", nan_after_step_2)
     with pytest.raises(NonFiniteError, match=r"step 3: generator loss is nan.*2 rollbacks used"):
-        run(_cfg("train.steps=8", "train.on_nonfinite=rollback", "train.max_rollbacks=2"), dataset, tmp_path,
-            progress=False)  # fmt: skip
+        run(
+            _cfg("train.steps=8", "train.on_nonfinite=rollback", "train.max_rollbacks=2"),
+            dataset,
+            tmp_path,
+            progress=False,
+        )
     assert not (tmp_path / "generator.pt").exists()
 
 
@@ -309,9 +363,23 @@ def test_data_parallel_with_two_gloo_ranks(dataset, tmp_path):
     """torchrun with 2 CPU processes (gloo): one set of outputs, the ranks stay in sync."""
     out = tmp_path / "ddp"
     sets = sum((["--set", s] for s in [*TINY, "train.steps=4"]), [])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "surrogate.train", "--config", str(ROOT / "config.yaml"), "--dataset", str(dataset), "--out", str(out),
-           *sets]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "surrogate.train",
+        "--config",
+        str(ROOT / "config.yaml"),
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(out),
+        *sets,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SURROGATE_PROGRESS": "0"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -321,5 +389,10 @@ def test_data_parallel_with_two_gloo_ranks(dataset, tmp_path):
     _, meta = load_generator(out / "generator.pt")
     assert meta["step"] == 4
     assert len(torch.load(out / "state" / "checkpoint.pt", weights_only=True)["rng_ranks"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "generator.pt", "history.jsonl", "state",
-                                                      "summary.json"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml",
+        "generator.pt",
+        "history.jsonl",
+        "state",
+        "summary.json",
+    ]
