@@ -44,13 +44,20 @@ old defaults                               739     0.9998   0.9983   371    0.09
 + template, critic shape (5) + threshold   288     0.9772   0.9961   1.5    0.83      5      0.59-1.05
   ... + physics per condition (8, w 10)    270     0.9729   0.9948   1.6    0.86      6      0.87-0.96
   ... + PacGAN pack 2 (instead)          479     0.9930   0.9964   1.4    0.66      5      0.76-1.07
+  ... + Gaussian voxel-share noise        272     0.9728   0.9968   1.1    0.83      5      0.88-0.98
 =========================================  ======  =======  =======  =====  ========  =====  ==========
 
 The template turns the resolution from one spread at every energy (ratios up to 4) into the
 right one; the critic's shape inputs take the centroid/width failures from 524 to 123 and the
 coverage from 0.21 to 0.83; standardising its log energies per condition lifts the too-narrow
 high-energy resolutions (0.59 -> 0.87). PacGAN packing (2) made everything worse at this budget
-(dropped). The minority modes (tile-start pions, late-converting photons) remain under-produced.
+(dropped). The largest group of failures left is the per-layer sparsity: generated showers hit too
+many voxels of the big layers (a real outer voxel is empty or holds whole deposits). Two fixes that
+give the head one more latent per voxel were tried: Gaussian noise on each voxel's share logit at a
+learned scale changed nothing (row above; sparsity failures 102 -> 113); a straight-through hit/empty
+draw per voxel (P = 1 - exp(-n share), a binary-concrete relaxation) diverged (critic Wasserstein
+estimate 270 at step 800 against 14). Both were removed. The minority modes (tile-start pions,
+late-converting photons) remain under-produced.
 
 Precision, measured on this machine (2 shared cores of a Xeon with AMX-BF16, torch 2.13, default
 model: 533 voxels, 4 conditions, widths 256x3, batch 256, n_critic 5; benchmarks/bench_train.py,
