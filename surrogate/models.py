@@ -40,7 +40,6 @@ __all__ = [
 FORMAT_VERSION = 1  # of results/train/generator.pt
 OUTPUTS = ("linear", "layered")
 SYMMETRIES = ("none", "rotate", "rotate_reflect")
-VOXEL_NOISES = ("none", "gauss", "hits")
 
 
 class ModelError(ValueError):
@@ -72,7 +71,6 @@ class ModelConfig:
     critic_physics_knots: int = (
         0  # > 0: the critic's log energies are standardised per condition (fitted at these knots)
     )
-    voxel_noise: str = "none"  # layered: none | gauss | hits: one more latent per voxel (see LayeredHead.forward)
 
     def __post_init__(self) -> None:
         for name in ("n_voxels", "cond_dim", "z_dim", "g_width", "g_depth", "d_width", "d_depth", "critic_pack"):
@@ -94,12 +92,6 @@ class ModelConfig:
             raise ModelError("model config: template_knots needs output 'layered'")
         if self.symmetry != "none" and self.output != "layered":
             raise ModelError("model config: symmetry needs output 'layered'")
-        if self.voxel_noise not in VOXEL_NOISES:
-            raise ModelError(
-                f"model config: voxel_noise must be one of {', '.join(VOXEL_NOISES)}, got {self.voxel_noise!r}"
-            )
-        if self.voxel_noise != "none" and self.output != "layered":
-            raise ModelError("model config: voxel_noise needs output 'layered'")
         if self.output not in OUTPUTS:
             raise ModelError(f"model config: output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
 
@@ -213,10 +205,8 @@ class LayeredHead(nn.Module):
     """
 
     LOG_MAX_RATIO = math.log(4.0)
-    NOISE_INIT = 0.3  # gauss: initial scale of the per-voxel noise in units of share logit
-    HITS_INIT = 30.0  # hits: initial number of deposits per layer
 
-    def __init__(self, info: dict[str, Any], template_knots: int = 0, voxel_noise: str = "none") -> None:
+    def __init__(self, info: dict[str, Any], template_knots: int = 0) -> None:
         super().__init__()
         self.layer_sizes = [int(n) for n in info["layer_sizes"]]
         self.transform = str(info["transform"])
@@ -240,99 +230,22 @@ class LayeredHead(nn.Module):
             self.template = ResponseTemplate(
                 template_knots, int(info.get("n_particles", 1)), width, info.get("template")
             )
-        self.voxel_noise = str(voxel_noise)
-        if self.voxel_noise not in VOXEL_NOISES:
-            raise ModelError(f"layered output: unknown voxel noise {self.voxel_noise!r}")
-        self.noise_log_scale = None
-        if self.voxel_noise == "gauss":
-            # log scale of each voxel's noise; the network adds a per-layer offset per shower
-            self.noise_log_scale = nn.Parameter(torch.full((len(self.shift),), math.log(self.NOISE_INIT)))
-        elif self.voxel_noise == "hits":
-            # log of the number of deposits of each layer; the network adds an offset per shower
-            self.noise_log_scale = nn.Parameter(torch.full((len(self.layer_sizes),), math.log(self.HITS_INIT)))
-        # the layer of each voxel; rebuilt from the layer sizes, so not stored with the weights
-        self.register_buffer(
-            "voxel_layer",
-            torch.repeat_interleave(torch.arange(len(self.layer_sizes)), torch.tensor(self.layer_sizes)),
-            persistent=False,
-        )
-
-    @property
-    def n_noise(self) -> int:
-        """Latent components the head takes besides ``h``: one per voxel with ``voxel_noise``, else 0."""
-        return 0 if self.noise_log_scale is None else len(self.shift)
 
     @property
     def n_in(self) -> int:
-        n_layers = len(self.layer_sizes)
-        return 1 + n_layers + sum(self.layer_sizes) + (n_layers if self.noise_log_scale is not None else 0)
+        return 1 + len(self.layer_sizes) + sum(self.layer_sizes)
 
     @property
     def n_orientations(self) -> int:
         return int(self.orientations.shape[0])
 
-    def _to_network_space(self, log_u: torch.Tensor) -> torch.Tensor:
-        """log(E_vox / E_inc) (B, V) -> the preprocessing's transform, before standardisation."""
-        if self.transform == "log":
-            return torch.logaddexp(log_u, torch.full_like(log_u, self.log_epsilon))
-        sq = self.alpha + (1 - 2 * self.alpha) * torch.clamp(torch.exp(log_u), max=1.0)
-        return torch.log(sq) - torch.log1p(-sq)
-
-    def _hits(
-        self, log_share: torch.Tensor, log_layer: torch.Tensor, extra: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """The ``hits`` voxel noise (see :meth:`forward`): (B, V) transformed voxels."""
-        idx = self.voxel_layer
-        lam = torch.exp(log_share + (self.noise_log_scale + extra)[:, idx])
-        # logit of 1 - exp(-lam) = log(expm1(lam)), which is lam itself beyond 15
-        logit_p = torch.where(lam > 15.0, lam, torch.log(torch.expm1(torch.clamp(lam, 1e-20, 15.0))))
-        q = torch.clamp(0.5 * (1.0 + torch.erf(noise / math.sqrt(2.0))), 1e-6, 1 - 1e-6)
-        a = logit_p + torch.log(q) - torch.log1p(-q)
-        hard = (a > 0).to(a.dtype)
-        soft = torch.sigmoid(a)
-        # the share of each hit voxel among the layer's hit voxels (the would-be share for an empty one)
-        hit_sum = torch.zeros_like(log_layer).index_add_(1, idx, hard * torch.exp(log_share))
-        log_norm = torch.log(torch.where(hit_sum > 0, hit_sum, torch.ones_like(hit_sum)))
-        y_on = self._to_network_space(log_share - log_norm[:, idx] + log_layer[:, idx])
-        y_off = self._to_network_space(torch.full_like(y_on, -math.inf))
-        return y_off + (hard + soft - soft.detach()) * (y_on - y_off)
-
     def forward(
-        self,
-        h: torch.Tensor,
-        orientation: torch.Tensor | None = None,
-        c: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
+        self, h: torch.Tensor, orientation: torch.Tensor | None = None, c: torch.Tensor | None = None
     ) -> torch.Tensor:
         """h (B, n_in) -> (B, V); ``orientation`` (B,) int64 picks a row of ``orientations`` per shower;
-        ``c`` (B, C), the conditions, is needed with a template; ``noise`` (B, V) standard normal,
-        with ``voxel_noise``.
-
-        ``voxel_noise``: real showers are built from a finite number of energy deposits, so at
-        low energy the outer voxels of a layer are hit or not independently of each other; the 64
-        latents of the MLP cannot make hundreds of independent choices, and the generator was seen
-        to fill too many voxels (sparsity failures in the layers with most voxels).
-        ``gauss``: each voxel's share logit gets ``noise * exp(s_v + o_l)``, a learned scale per
-        voxel times one the network sets per layer and shower. ``hits``: each voxel is hit with the
-        probability ``1 - exp(-n_l * share_v)`` of a Poisson number of deposits, ``n_l`` learned per
-        layer times a factor the network sets per shower; the draw is a logistic threshold of the
-        voxel's latent (a binary-concrete relaxation, straight-through: the forward pass is exactly
-        hit or empty, the gradient that of the sigmoid). The layer's energy is shared among its hit
-        voxels, and a layer with none is empty.
-        """
+        ``c`` (B, C), the conditions, is needed with a template."""
         h = h.float()
         n_layers = len(self.layer_sizes)
-        n_extra = n_layers if self.noise_log_scale is not None else 0
-        if n_extra:
-            if noise is None or noise.shape != (h.shape[0], len(self.shift)):
-                raise ModelError(
-                    f"layered output with voxel noise needs noise of shape ({h.shape[0]}, {len(self.shift)})"
-                )
-            extra, h = h[:, h.shape[1] - n_extra :], h[:, : h.shape[1] - n_extra]
-            noise = noise.float()
-        if self.voxel_noise == "gauss":
-            log_scale = self.noise_log_scale + extra[:, self.voxel_layer]
-            h = torch.cat([h[:, : 1 + n_layers], h[:, 1 + n_layers :] + noise * torch.exp(log_scale)], dim=1)
         if self.template is not None:
             if c is None:
                 raise ModelError("layered output with a template needs the conditions")
@@ -342,13 +255,14 @@ class LayeredHead(nn.Module):
         log_total = torch.clamp(h[:, :1], max=self.LOG_MAX_RATIO)
         log_layer = torch.log_softmax(h[:, 1 : 1 + n_layers], dim=1) + log_total
         blocks = torch.split(h[:, 1 + n_layers :], self.layer_sizes, dim=1)
-        log_share = torch.cat([torch.log_softmax(b, dim=1) for b in blocks], 1)
-        if self.voxel_noise == "hits":
-            y = self._hits(log_share, log_layer, extra, noise)
-        else:
-            y = self._to_network_space(log_share + log_layer[:, self.voxel_layer])
+        log_u = torch.cat([torch.log_softmax(b, dim=1) + log_layer[:, i : i + 1] for i, b in enumerate(blocks)], 1)
         if orientation is not None and self.n_orientations > 1:
-            y = y.gather(1, self.orientations[orientation])
+            log_u = log_u.gather(1, self.orientations[orientation])
+        if self.transform == "log":
+            y = torch.logaddexp(log_u, torch.full_like(log_u, self.log_epsilon))
+        else:
+            sq = self.alpha + (1 - 2 * self.alpha) * torch.clamp(torch.exp(log_u), max=1.0)
+            y = torch.log(sq) - torch.log1p(-sq)
         return (y - self.shift) / self.scale
 
 
@@ -371,6 +285,7 @@ class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig, head: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.z_dim = cfg.z_dim
         widths = [cfg.z_dim + cfg.cond_dim] + [cfg.g_width] * cfg.g_depth
         if cfg.conditioning == "film" and cfg.cond_dim > 0:
             self.blocks = nn.ModuleList(_FiLMBlock(a, b, cfg.cond_dim) for a, b in itertools.pairwise(widths))
@@ -378,17 +293,12 @@ class Generator(nn.Module):
             self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         if cfg.output != "linear" and head is None:
             raise ModelError(f"model config: output {cfg.output!r} needs the preprocessing (head_info)")
-        self.head = LayeredHead(head, cfg.template_knots, cfg.voxel_noise) if cfg.output == "layered" else None
+        self.head = LayeredHead(head, cfg.template_knots) if cfg.output == "layered" else None
         self.out = nn.Linear(widths[-1], self.head.n_in if self.head is not None else cfg.n_voxels)
         if self.head is not None and len(self.head.shift) != cfg.n_voxels:
             raise ModelError(f"layered output: preprocessing of {len(self.head.shift)} voxels, model of {cfg.n_voxels}")
-        # the latent: cfg.z_dim components for the MLP, then (voxel_noise) one per voxel for the head
-        self.z_dim = cfg.z_dim + (self.head.n_noise if self.head is not None else 0)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        noise = None
-        if self.z_dim > self.cfg.z_dim:
-            z, noise = z[:, : self.cfg.z_dim], z[:, self.cfg.z_dim :]
         h = torch.cat([z, c], dim=1)
         for block in self.blocks:
             h = block(h, c) if isinstance(block, _FiLMBlock) else nn.functional.leaky_relu(block(h), 0.2)
@@ -401,7 +311,7 @@ class Generator(nn.Module):
             # the normal CDF), so G stays a deterministic function of (z, c) and samples stay seeded
             u = 0.5 * (1.0 + torch.erf(z[:, -1].float() / math.sqrt(2.0)))
             orientation = torch.clamp((u * self.head.n_orientations).long(), 0, self.head.n_orientations - 1)
-        return self.head(h, orientation, c, noise)
+        return self.head(h, orientation, c)
 
 
 class ShowerSums(nn.Module):

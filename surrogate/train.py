@@ -191,7 +191,6 @@ def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> Mo
         template_knots=int(g["template_knots"]),
         critic_physics_knots=int(d["physics_knots"]),
         critic_pack=int(d["pack"]),
-        voxel_noise=str(g["voxel_noise"]),
     )
 
 
@@ -314,7 +313,7 @@ def _batch(state: TrainState, x: torch.Tensor, c: torch.Tensor, n: int) -> tuple
 
 
 def _latent(state: TrainState, n: int) -> torch.Tensor:
-    return torch.randn((n, int(state.G.z_dim)), generator=state.rng).to(state.device)
+    return torch.randn((n, state.model_config.z_dim), generator=state.rng).to(state.device)
 
 
 def ema_beta(decay: float, rampup: float, step: int) -> float:

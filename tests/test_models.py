@@ -139,58 +139,6 @@ def test_layered_head_builds_total_times_layer_share_times_shape(fitted):
     assert (head(h).detach().numpy() >= floor - 1e-5).all()
 
 
-@pytest.mark.parametrize("kind", ["gauss", "hits"])
-def test_voxel_noise_reshapes_layers_but_keeps_their_energies(fitted, kind):
-    pre, _, _ = fitted
-    cfg, info = _layered(pre, voxel_noise=kind)
-    torch.manual_seed(6)
-    G, _ = build_models(cfg, info)
-    assert G.z_dim == 4 + 7 and G.head.n_in == 1 + 2 + 7 + 2
-    if kind == "hits":
-        with torch.no_grad():
-            G.head.noise_log_scale.fill_(1.0)  # ~3 deposits per layer: hits are a matter of chance
-    gen = torch.Generator().manual_seed(1)
-    z, c = torch.randn(400, G.z_dim, generator=gen), torch.zeros(400, 1)
-    energies = np.full((400, 1), 1e4, dtype=np.float32)
-    with torch.no_grad():
-        a = pre.inverse_showers(G(z, c).numpy(), energies).astype(np.float64)
-        z2 = z.clone()
-        z2[:, 4:] = torch.randn(400, 7, generator=gen)  # other voxel latents, same MLP latent
-        b = pre.inverse_showers(G(z2, c).numpy(), energies).astype(np.float64)
-        assert torch.equal(G(z, c), G(z, c))  # still a function of (z, c)
-    # the noise moves energy between the voxels of a layer, never between layers (unless, with
-    # hits, a layer has none: then it is empty)
-    for lay in (slice(0, 4), slice(4, 7)):
-        sa, sb = a[:, lay].sum(1), b[:, lay].sum(1)
-        both = (sa > 0) & (sb > 0)
-        assert both.mean() > 0.5
-        np.testing.assert_allclose(sa[both], sb[both], rtol=1e-4)
-    assert np.abs(a[:, 4:] - b[:, 4:]).max() > 0.05 * a[:, 4:].max()
-    if kind == "hits":
-        # exactly empty voxels, and more of them where the share is small: P(hit) = 1 - exp(-n share)
-        assert ((a == 0).mean(0) > 0.01).any()
-        with torch.no_grad():
-            out = G.out(
-                torch.nn.functional.leaky_relu(
-                    G.blocks[1](torch.nn.functional.leaky_relu(G.blocks[0](torch.cat([z[:, :4], c], 1)), 0.2)), 0.2
-                )
-            )
-        assert out.shape == (400, G.head.n_in)
-        # the hit frequency follows the Poisson probability of the mean share (to its sampling error)
-        share = np.exp(torch.log_softmax(out[:, 7:10], 1).numpy())
-        n = np.exp((G.head.noise_log_scale.detach()[1] + out[:, -1]).numpy())[:, None]
-        p = 1 - np.exp(-n * share)
-        hit = b[:, 4:] > 0
-        np.testing.assert_allclose(hit.mean(0), p.mean(0), atol=4 * np.sqrt(0.25 / 400))
-    # the learned parameters get gradients
-    G(z, c).sum().backward()
-    assert G.head.noise_log_scale.grad is not None and G.head.noise_log_scale.grad.abs().sum() > 0
-    with pytest.raises(ModelError, match="voxel_noise needs output 'layered'"):
-        ModelConfig(n_voxels=7, cond_dim=1, voxel_noise=kind)
-    with pytest.raises(ModelError, match="voxel_noise must be one of"):
-        ModelConfig(n_voxels=7, cond_dim=1, output="layered", voxel_noise="poisson")
-
-
 def test_shower_sums_are_the_log_layer_and_total_energies(fitted):
     pre, showers, energies = fitted
     info = critic_physics(pre, GEOM, showers, energies)
