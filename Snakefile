@@ -1,4 +1,4 @@
-# The surrogate pipeline: simulate -> ingest -> train -> generate -> validate -> report.
+# The surrogate pipeline: simulate -> ingest -> train -> generate -> validate -> report (train -> export -> report).
 # Rules live in workflow/rules/ (one file per stage); logic lives in the `surrogate` package.
 from snakemake.utils import min_version, validate
 
@@ -16,10 +16,12 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/validate.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 
 
 rule all:
-    """The whole pipeline: simulate -> ingest -> train -> generate -> validate -> report."""
+    """The whole pipeline: simulate -> ingest -> train -> generate -> validate -> report, and the ONNX export."""
     input:
         "results/report/mlflow_run.json",
+        "results/export/generator.onnx",

@@ -48,6 +48,7 @@ __all__ = [
     "make_conditions",
     "check_conditions",
     "readout_threshold",
+    "stage_threshold",
     "forward_batches",
     "output_filter",
     "run",
@@ -313,6 +314,14 @@ def readout_threshold(
     return 0.0 if not np.isfinite(smallest) else smallest
 
 
+def stage_threshold(cfg: dict[str, Any], dataset: str | Path | None) -> float:
+    """The readout threshold (MeV) the generate stage applies with config ``cfg`` and ingest output ``dataset``."""
+    sim_threshold = None
+    if not cfg.get("ingest", {}).get("inputs"):  # the real data are the reference simulator's
+        sim_threshold = cfg.get("simulate", {}).get("readout_threshold_mev")
+    return readout_threshold(cfg["generate"]["threshold_mev"], dataset, sim_threshold)
+
+
 # --------------------------------------------------------------------------- forward pass
 
 
@@ -525,10 +534,7 @@ def _run(
         default_pdg=particles[0] if len(particles) == 1 else None,
     )
     check_conditions(cond, pre, gcfg["extrapolation"], source)
-    sim_threshold = None
-    if not cfg.get("ingest", {}).get("inputs"):  # the real data are the reference simulator's
-        sim_threshold = cfg.get("simulate", {}).get("readout_threshold_mev")
-    threshold = readout_threshold(gcfg["threshold_mev"], dataset, sim_threshold)
+    threshold = stage_threshold(cfg, dataset)
     latent = torch.Generator(device="cpu").manual_seed(latent_seed)
 
     attrs = {

@@ -31,14 +31,26 @@ from surrogate.config import parse_stage_args, stage_parser
 from surrogate.io import write_json
 from surrogate.validation.scoreboard import headline
 
-__all__ = ["ReportError", "ShowerSampler", "resolve_tracking_uri", "flatten", "run", "main"]
+__all__ = ["ReportError", "ShowerSampler", "resolve_tracking_uri", "flatten", "onnx_signature", "run", "main"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # MLflow limits a param value to 6000 characters.
 _PARAM_MAX = 6000
-_PACKAGES = ("surrogate", "torch", "numpy", "scipy", "h5py", "scikit-learn", "snakemake", "mlflow", "matplotlib")
+_PACKAGES = (
+    "surrogate",
+    "torch",
+    "numpy",
+    "scipy",
+    "h5py",
+    "scikit-learn",
+    "snakemake",
+    "mlflow",
+    "matplotlib",
+    "onnx",
+    "onnxruntime",
+)
 
 
 class ReportError(RuntimeError):
@@ -315,6 +327,9 @@ def run(
         generator = results / "train" / "generator.pt"
         if generator.exists() and settings.get("log_model", True):
             _log_model(run_id, generator, _threshold(results / "ingest" / "dataset.h5"))
+        onnx_path = results / "export" / "generator.onnx"
+        if onnx_path.exists() and settings.get("log_model", True):
+            _log_onnx(run_id, onnx_path)
         client.set_terminated(run_id, "FINISHED")
 
     create = lambda: client.create_run(experiment_id, tags=tags, run_name=settings.get("run_name") or None)  # noqa: E731
@@ -363,6 +378,7 @@ def _artifacts(results: Path, config_path: str | Path | Sequence[str | Path] | N
         (results / "train" / "history.jsonl", "train"),
         (results / "train" / "summary.json", "train"),
         (results / "generate" / "summary.json", "generate"),
+        (results / "export" / "generator.json", "export"),
     ]
     candidates += [(p, "validate/plots") for p in sorted((results / "validate" / "plots").glob("*.png"))]
     if config_path is not None:  # one file, or the overlays given to --config
@@ -401,6 +417,47 @@ def _log_model(run_id: str, generator_path: Path, threshold_mev: float) -> None:
             pip_requirements=requirements,
             # torch.export cannot trace the numpy inverse preprocessing; the pickle is our own artifact
             serialization_format="pickle",
+        )
+
+
+def onnx_signature(metadata: dict[str, str]) -> Any:
+    """MLflow signature of an exported ONNX generator, from its ``inputs``/``outputs`` metadata: named tensors
+    with a free batch dimension."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def schema(key: str) -> Schema:
+        specs = json.loads(metadata[key])
+        return Schema(
+            [
+                TensorSpec(np.dtype(d["dtype"]), tuple(-1 if n == "N" else int(n) for n in d["shape"]), d["name"])
+                for d in specs
+            ]
+        )
+
+    return ModelSignature(inputs=schema("inputs"), outputs=schema("outputs"))
+
+
+def _log_onnx(run_id: str, path: Path) -> None:
+    """Log the exported ONNX generator with MLflow's ONNX flavour (its metadata_props kept), signature named
+    after the graph's inputs."""
+    import mlflow
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    if "inputs" not in props:
+        raise ReportError(f"{path}: no 'inputs' in its metadata (not written by surrogate.export)")
+    requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in ("onnx", "onnxruntime", "numpy")]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.onnx.log_model(
+            model,
+            name="generator_onnx",
+            signature=onnx_signature(props),
+            pip_requirements=requirements,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,  # one self-contained file, as C++ callers load it
+            metadata={k: props[k] for k in ("format_version", "generator_sha256", "geometry_name", "opset")},
         )
 
 

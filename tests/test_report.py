@@ -226,3 +226,38 @@ def test_logged_model_loads_and_generates(results, tmp_path):
     out = sampler(conditions)
     assert out.shape == (3, geometry.n_voxels) and (out >= 0).all() and torch.isfinite(out).all()
     assert not torch.equal(out[0], out[1]), "the particle condition must change the showers"
+
+
+def test_exported_onnx_is_logged_with_named_inputs(results, tmp_path):
+    """The export stage's ONNX file lands in the run with MLflow's ONNX flavour; its signature names the graph's
+    inputs, and the logged model generates showers through pyfunc."""
+    import mlflow
+    from test_export import NO_CRITIC_INPUTS, tiny_export_checkpoint  # tests/ is on sys.path (no package)
+
+    from surrogate import export
+
+    cfg = _cfg(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=(tmp_path / "art").as_uri())
+    build = load_config(ROOT / "config.yaml", [*NO_CRITIC_INPUTS, "train.generator.width=32"])
+    ckpt, pre = tiny_export_checkpoint(tmp_path / "generator.pt", build, [22, 211])
+    export.run(build, ckpt, results / "export" / "generator.onnx", dataset=None)
+    cfg["report"]["log_model"] = True
+    record = report.run(cfg, results, tmp_path / "out")
+
+    mlflow.set_tracking_uri(record["tracking_uri"])
+    models = mlflow.search_logged_models(experiment_ids=[record["experiment_id"]], output_format="list")
+    assert [m.name for m in models] == ["generator_onnx"]  # no generator.pt in this tree
+    info = mlflow.models.get_model_info(models[0].model_uri)
+    assert [i["name"] for i in info.signature.inputs.to_dict()] == list(export.INPUT_NAMES)
+    assert info.signature.outputs.to_dict()[0]["name"] == "showers"
+    model = mlflow.pyfunc.load_model(models[0].model_uri)
+    n = 3
+    feeds = {
+        "z": np.random.default_rng(0).standard_normal((n, 64)).astype(np.float32),
+        "incident_energy": np.full((n, 1), 5e4, np.float32),
+        "incident_eta": np.full((n, 1), 0.3, np.float32),
+        "incident_pdg": np.array([[22], [211], [22]], np.int32),
+    }
+    out = model.predict(feeds)["showers"]
+    assert out.shape == (n, 533) and (out >= 0).all()
+    client_art = {a.path for a in mlflow.MlflowClient().list_artifacts(record["run_id"], "export")}
+    assert client_art == {"export/generator.json"}

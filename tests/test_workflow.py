@@ -93,11 +93,13 @@ def test_dag_produces_every_output(workflow_dir):
         expected += ["results/generate/events.h5", "results/generate/shard-0.h5", "results/generate/shard-1.h5"]
     if "rules/validate.smk" in rules:
         expected += ["results/validate/summary.json", "results/validate/report.html"]
+    if "rules/export.smk" in rules:
+        expected += ["results/export/generator.onnx", "results/export/generator.json"]
     if "rules/report.smk" in rules:
         expected += ["results/report/mlflow_run.json"]
     missing = [p for p in expected if not (workflow_dir / p).exists()]
     assert not missing
-    for stage in ("simulate", "ingest"):
+    for stage in ("simulate", "ingest") + (("export",) if "rules/export.smk" in rules else ()):
         assert (workflow_dir / "results" / "benchmarks" / f"{stage}.tsv").exists()
         assert (workflow_dir / "results" / "logs" / f"{stage}.log").exists()
 
@@ -151,7 +153,7 @@ def test_changed_training_key_reruns_train_and_downstream(workflow_dir):
     assert out.returncode == 0, text[-5000:]
     ran = {line.split()[-1] for line in text.splitlines() if line.strip().startswith(("localrule", "rule "))}
     ran = {r.rstrip(":") for r in ran}
-    assert {"train", "generate_shard", "generate", "validate", "report"} <= ran, ran
+    assert {"train", "generate_shard", "generate", "validate", "export", "report"} <= ran, ran
     assert not {"simulate", "ingest"} & ran, ran
     assert before == {p: (workflow_dir / p).stat().st_mtime_ns for p in before}
     import torch

@@ -5,6 +5,7 @@ rule report:
         "results/train/generator.pt",
         "results/ingest/manifest.json",
         "results/generate/events.h5",
+        "results/export/generator.onnx",
     output:
         "results/report/mlflow_run.json",
     params:
