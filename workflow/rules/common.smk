@@ -37,3 +37,14 @@ def source_hash(*modules):
         for path in files:
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def heldout_splits():
+    """The held-out splits of ingest.holdout (unseen, extrapolation; none by default): each gets its own
+    generated file and floors, and validate judges it on its own."""
+    from surrogate.holdout import regions_from_config, split_names
+
+    return list(split_names(regions_from_config(config)))
+
+
+HELDOUT = heldout_splits()
