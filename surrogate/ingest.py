@@ -11,6 +11,11 @@ across a boundary is decompressed twice): a reader thread decompresses and check
 chunk while the main thread writes this one to its split and adds its training rows to the
 preprocessing statistics. The small per-event columns are read back at the end to write the
 preprocessed conditions. Memory is bounded by a few chunks plus a few bytes per event.
+
+``ingest.holdout`` regions (:mod:`surrogate.holdout`) take their events out of train/val/test into
+the splits ``unseen`` and ``extrapolation`` (with a ``region`` column); every other event keeps
+the split the seed gave it. The file then records the regions (root attribute ``holdout``) and
+the stage refuses to write one whose train, val or test split holds an event inside a region.
 """
 
 from __future__ import annotations

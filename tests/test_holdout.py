@@ -125,6 +125,16 @@ def test_ingest_refuses_overlapping_kinds_and_empty_regions(ingested, tmp_path) 
     assert not (tmp_path / "e" / "dataset.h5").exists()
 
 
+def test_ingest_refuses_to_write_a_leak(ingested, tmp_path, monkeypatch) -> None:
+    """Its last check before the file is final: were held-out events ever routed to train/val/test
+    (here: the routing forgets the |eta| region), no dataset is written."""
+    route = ingest._hold_out
+    monkeypatch.setattr(ingest, "_hold_out", lambda item, labels, r, splits: route(item, labels, r[::2], splits))
+    with pytest.raises(ingest.IngestError, match="held-out region 'eta': refusing to write a dataset that leaks"):
+        ingest.run(ingested["cfg"], [ingested["src"]], tmp_path / "leak", progress=False)
+    assert not (tmp_path / "leak" / "dataset.h5").exists() and not (tmp_path / "leak" / "manifest.json").exists()
+
+
 def test_train_refuses_a_dataset_with_another_holdout(ingested, tmp_path) -> None:
     held = ingested["dir"] / "held" / "dataset.h5"
     with pytest.raises(TrainError, match="E40-70"):  # the config holds out nothing, the dataset E40-70, ...

@@ -176,7 +176,7 @@ def run(
         processes.start_readers(threads) if threads > 1 else None,
         processes.Plotter(separate=threads > 1) if plots else None,
     )
-    heldout = dict(heldout or {})
+    heldout = {s: heldout[s] for s in HELDOUT if s in (heldout or {})} | dict(heldout or {})  # in page order
     try:
         expected = _check_holdout(cfg, dataset, heldout)
         summary, plot_paths = _validate(cfg, state, dataset, generated, out, history, threads, procs, floors_path)
@@ -256,6 +256,14 @@ def _check_holdout(cfg: dict[str, Any], dataset: str | Path, heldout: dict[str, 
         check_same(stored, expected, f"the generator of {path}", "the config (ingest.holdout)", ValidateError)
         if source is not None and str(source) != split:
             raise ValidateError(f"{path}: generated at the conditions of {source!r}, expected {split!r} (--split)")
+    for split in split_names(regions):
+        if split not in heldout:
+            log.warning(
+                "ingest.holdout fills the split %r, but no events generated at its conditions were given "
+                "(--%s FILE): it is not validated, and the verdict covers the seen conditions only",
+                split,
+                split,
+            )
     return regions
 
 

@@ -56,7 +56,7 @@ rule generate_heldout:
     log:
         "results/logs/generate-{split}.log",
     benchmark:
-        "results/benchmarks/generate-{split}.tsv"
+        "results/benchmarks/generate_heldout-{split}.tsv"  # not generate-*: those are the shards of events.h5
     threads: 2
     resources:
         gpu=1,
