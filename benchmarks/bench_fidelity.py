@@ -21,8 +21,14 @@ headline values (``headline.<name>``, as the report stage logs them) and their f
 in the MLflow UI's compare view, or sort the Runs table by ``headline.n_failed``.
 ``--log-only`` reads a finished run's folder again (print and log, no training).
 
+``--overlay config/interpolation.yaml`` (repeatable: config files laid over the preset) holds the
+overlay's condition regions out of training (``ingest.holdout``): the held-out splits get their own
+generated file, floors and validation, and the JSON object (and MLflow, ``unseen.headline.<name>``)
+their headline numbers under ``unseen`` and ``extrapolation``, beside the seen ones.
+
     python benchmarks/bench_fidelity.py [--preset default|quality|gpu] [--steps N]
         [--set train.critic.physics_weight=10 ...] [--events 200000] [--name TAG] [--no-mlflow]
+        [--overlay config/interpolation.yaml]
 
 Work files live in ``results/fidelity/`` (data caches in ``data-<hash>/``, each run in
 ``runs/<name>/``); a rerun of the same name starts training over.
@@ -46,11 +52,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from surrogate.config import load_config  # noqa: E402
+from surrogate.holdout import regions_from_config, split_names  # noqa: E402
 from surrogate.validation import headline  # noqa: E402
 
 log = logging.getLogger("bench_fidelity")
 
 PRESETS = {"default": [], "quality": ["config/quality.yaml"], "gpu": ["config/gpu.yaml"]}
+#: Held-out splits reported beside the seen conditions (``--overlay config/interpolation.yaml``).
+HELDOUT = ("unseen", "extrapolation")
 
 
 def cpu_name() -> str:
@@ -102,7 +111,8 @@ def data_dir(cfg: dict[str, Any], work: Path) -> Path:
 
 
 def prepare_data(cfg: dict[str, Any], run: Stages, work: Path) -> tuple[Path, Path, dict[str, float]]:
-    """(dataset.h5, floors.json, seconds per stage that ran); each made once per its settings."""
+    """(dataset.h5, floors.json, seconds per stage that ran); each made once per its settings (the
+    floors of the held-out splits, if any, beside floors.json as floors-<split>.json)."""
     data = data_dir(cfg, work)
     raw, dataset, floors = data / "reference.h5", data / "ingest" / "dataset.h5", data / "floors.json"
     seconds: dict[str, float] = {}
@@ -126,6 +136,22 @@ def prepare_data(cfg: dict[str, Any], run: Stages, work: Path) -> tuple[Path, Pa
             str(run.threads),
             log_file=data / "floors.log",
         )
+    for split in split_names(regions_from_config(cfg)):
+        path = data / f"floors-{split}.json"
+        if not path.exists():
+            seconds[f"floors-{split}"] = run(
+                "validate",
+                "floors",
+                "--dataset",
+                str(dataset),
+                "--split",
+                split,
+                "--out",
+                str(path),
+                "--threads",
+                str(run.threads),
+                log_file=data / f"floors-{split}.log",
+            )
     return dataset, floors, seconds
 
 
@@ -140,11 +166,14 @@ def log_mlflow(experiment: str, name: str, params: dict[str, Any], result: dict[
     with mlflow.start_run(run_name=name) as active:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         metrics = {"steps": result["steps"], "train_seconds": result["seconds"]["train"]}
-        for key, row in result["headline"].items():
-            if isinstance(row.get("value"), int | float):
-                metrics[f"headline.{key}"] = float(row["value"])
-            if isinstance(row.get("floor"), int | float):
-                metrics[f"headline.{key}.floor"] = float(row["floor"])
+        for prefix, rows in (("", result["headline"]), *((f"{s}.", result[s]["headline"]) for s in HELDOUT)):
+            if prefix and prefix[:-1] not in result:
+                continue
+            for key, row in rows.items():
+                if isinstance(row.get("value"), int | float):
+                    metrics[f"{prefix}headline.{key}"] = float(row["value"])
+                if isinstance(row.get("floor"), int | float):
+                    metrics[f"{prefix}headline.{key}.floor"] = float(row["floor"])
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"verdict": result["verdict"], "cpu": result["cpu"], "preset": params["preset"]})
         for f in ("summary.json", "report.html"):
@@ -181,6 +210,24 @@ def stage_all(run: Stages, cfg: dict[str, Any], out: Path, work: Path) -> dict[s
         str(run.threads),
         log_file=out / "generate.log",
     )
+    heldout: list[str] = []
+    for split in split_names(regions_from_config(cfg)):
+        path = out / "generate" / f"{split}.h5"
+        seconds[f"generate-{split}"] = run(
+            "generate",
+            "--generator",
+            str(out / "train" / "generator.pt"),
+            "--dataset",
+            str(dataset),
+            "--split",
+            split,
+            "--out",
+            str(path),
+            "--threads",
+            str(run.threads),
+            log_file=out / f"generate-{split}.log",
+        )
+        heldout += [f"--{split}", str(path), f"--{split}-floors", str(floors.parent / f"floors-{split}.json")]
     seconds["validate"] = run(
         "validate",
         "--dataset",
@@ -193,12 +240,19 @@ def stage_all(run: Stages, cfg: dict[str, Any], out: Path, work: Path) -> dict[s
         str(out / "train" / "history.jsonl"),
         "--out",
         str(out / "validate"),
+        *heldout,
         "--threads",
         str(run.threads),
         log_file=out / "validate.log",
     )
     (out / "seconds.json").write_text(json.dumps(seconds))
     return seconds
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The headline rows of a (seen or held-out) validation summary, keyed by name."""
+    keys = ("value", "error", "floor", "threshold", "passed", "total")
+    return {r["name"]: {k: r[k] for k in keys if r.get(k) is not None} for r in headline(summary)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         help="config override for the change under test (repeatable)",
     )
     parser.add_argument("--events", type=int, default=None, help="generated events (default: generate.events)")
+    parser.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="config file laid over the preset (repeatable), e.g. config/interpolation.yaml (held-out conditions)",
+    )
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2 if os.cpu_count() == 2 else 8))
     parser.add_argument("--name", default=None, help="run name (default: preset, overrides and steps)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "results" / "fidelity")
@@ -227,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
-    configs = ["config.yaml", *PRESETS[args.preset]]
+    configs = ["config.yaml", *PRESETS[args.preset], *args.overlay]
     base = load_config([ROOT / c for c in configs], args.overrides)
     steps = int(args.steps if args.steps is not None else base["train"]["steps"])
     # the budget is the steps: the wall-clock cap only guards against a hang (a week)
@@ -236,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"generate.events={args.events}")
     cfg = load_config([ROOT / c for c in configs], overrides)
     run = Stages(configs, overrides, args.threads)
-    name = args.name or "-".join([args.preset, *args.overrides, f"{steps}steps"]).replace("/", "_")
+    tags = [Path(o).stem for o in args.overlay]
+    name = args.name or "-".join([args.preset, *tags, *args.overrides, f"{steps}steps"]).replace("/", "_")
     out = args.workdir / "runs" / name
     if args.log_only:
         seconds = json.loads((out / "seconds.json").read_text())
@@ -244,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         seconds = stage_all(run, cfg, out, args.workdir)
     summary = json.loads((out / "validate" / "summary.json").read_text())
     train = json.loads((out / "train" / "summary.json").read_text())
-    rows = headline(summary)
     result = {
         "benchmark": "fidelity",
         "preset": args.preset,
@@ -256,11 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "steps_per_second": round(float(train["steps_per_second"]), 2),
         "verdict": summary["verdict"],
-        "headline": {
-            r["name"]: {
-                k: r[k] for k in ("value", "error", "floor", "threshold", "passed", "total") if r.get(k) is not None
+        "headline": _headline(summary),
+        **({"verdicts": summary["verdicts"], "verdict_line": summary["verdict_line"]} if "verdicts" in summary else {}),
+        # held-out conditions (--overlay config/interpolation.yaml): the same numbers, seen beside unseen
+        **{
+            s: {
+                "verdict": summary[s]["verdict"],
+                "real_events": summary[s]["real_events"],
+                "headline": _headline(summary[s]),
             }
-            for r in rows
+            for s in HELDOUT
+            if s in summary
         },
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
@@ -274,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 "preset": args.preset,
                 "steps": steps,
                 "overrides": " ".join(args.overrides) or "none",
+                "overlays": " ".join(args.overlay) or "none",
                 "events": cfg["generate"]["events"],
                 "cpu": result["cpu"],
                 "precision": train["precision"],

@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 import surrogate
 from surrogate.config import parse_stage_args, stage_parser
 from surrogate.device import resolve_device, resolve_precision
+from surrogate.holdout import canonical, check_same, from_canonical
 from surrogate.io import ProgressBar, atomic_path, setup_logging, sha256_file
 
 __all__ = [
@@ -164,17 +166,18 @@ def _rows(path: str | Path) -> int:
         raise GenerateError(f"{path}: cannot read dataset 'incident_energies' ({exc})") from exc
 
 
-def _test_split_conditions(dataset: str | Path) -> Conditions:
+def _split_conditions(dataset: str | Path, split: str = "test") -> Conditions:
     path = Path(dataset)
     if not path.exists():
         raise GenerateError(
-            f"{path}: dataset not found (condition source 'test' resamples its test split; "
+            f"{path}: dataset not found (condition source {split!r} resamples its {split} split; "
             "run the ingest stage, pass --dataset, or set generate.conditions.source)"
         )
     with h5py.File(path, "r") as f:
-        if "test" not in f:
-            raise GenerateError(f"{path}: no group 'test' (not an ingest output?)")
-        g = f["test"]
+        if split not in f:
+            hint = " (set ingest.holdout and rerun ingest)" if split != "test" else " (not an ingest output?)"
+            raise GenerateError(f"{path}: no group {split!r}{hint}")
+        g = f[split]
         try:
             return Conditions(
                 g["incident_energies"][()].astype(np.float32).reshape(-1, 1),
@@ -182,7 +185,7 @@ def _test_split_conditions(dataset: str | Path) -> Conditions:
                 g["incident_pdg"][()].astype(np.int32).reshape(-1, 1),
             )
         except KeyError as exc:
-            raise GenerateError(f"{path}: group 'test' lacks a condition dataset ({exc})") from exc
+            raise GenerateError(f"{path}: group {split!r} lacks a condition dataset ({exc})") from exc
 
 
 def make_conditions(
@@ -194,6 +197,7 @@ def make_conditions(
     dataset: str | Path | None = None,
     conditions_file: str | Path | None = None,
     default_pdg: int | None = None,
+    split: str | None = None,
 ) -> tuple[Conditions, str]:
     """Conditions of global events [start, stop) and a label of their source.
 
@@ -201,9 +205,13 @@ def make_conditions(
     replacement from the test split; ``range``: log-uniform energy, uniform eta, equal particle
     shares) draw from ``rng``, which is per shard; deterministic sources (``grid``, ``file``) index
     their rows by global event number modulo their length, so shards tile the sequence.
+    ``split`` (e.g. ``unseen``): resample that split of ``dataset`` instead, whatever the source.
     """
     n = stop - start
     source = "file" if conditions_file is not None else settings["source"]
+    if split is not None and conditions_file is None:
+        source = "test"
+    split = split or "test"
     if source == "file":
         path = conditions_file if conditions_file is not None else settings["file"]
         if path is None:
@@ -213,12 +221,12 @@ def make_conditions(
         return Conditions(table.energies[idx], table.eta[idx], table.pdg[idx]), f"file:{Path(path).name}"
     if source == "test":
         if dataset is None:
-            raise GenerateError("condition source 'test' needs the ingest dataset (--dataset)")
-        table = _test_split_conditions(dataset)
+            raise GenerateError(f"condition source {split!r} needs the ingest dataset (--dataset)")
+        table = _split_conditions(dataset, split)
         if len(table) == 0:
-            raise GenerateError(f"{dataset}: the test split is empty")
+            raise GenerateError(f"{dataset}: the {split} split is empty")
         idx = rng.integers(0, len(table), size=n)
-        return Conditions(table.energies[idx], table.eta[idx], table.pdg[idx]), "test"
+        return Conditions(table.energies[idx], table.eta[idx], table.pdg[idx]), split
     if source == "range":
         r = settings["range"]
         lo, hi = np.log(np.array(r["energy_gev"], dtype=np.float64) * 1000.0)
@@ -279,6 +287,18 @@ def check_conditions(cond: Conditions, pre: Any, extrapolation: str, source: str
             if extrapolation == "error":
                 raise GenerateError(msg + " (generate.extrapolation: error)")
             log.warning("%s", msg)
+
+
+def _check_holdout(generator_path: Path, meta: dict[str, Any], dataset: str | Path | None, uses_dataset: bool) -> str:
+    """The held-out regions the generator never saw (:func:`surrogate.holdout.canonical`), after
+    checking, when the conditions come from ``dataset``'s splits, that it holds out the same ones
+    (else its "unseen" events may be the generator's training events, and its test events too)."""
+    have = canonical(from_canonical(meta.get("holdout")))
+    if uses_dataset and dataset is not None and Path(dataset).exists():
+        with h5py.File(dataset, "r") as f:
+            stored = f.attrs.get("holdout")
+        check_same(stored, have, str(dataset), f"the generator {generator_path}", GenerateError)
+    return have
 
 
 def readout_threshold(
@@ -461,11 +481,15 @@ def run(
     dataset: str | Path | None = "results/ingest/dataset.h5",
     threads: int | None = None,
     progress: bool = True,
+    split: str | None = None,
 ) -> dict[str, Any]:
     """Generate shard ``shard`` of ``shards`` of ``events`` events into ``out`` (atomically).
 
     Defaults come from ``cfg['generate']`` (events; one per row of a conditions file) and
-    ``cfg['seed']``. Returns a summary (events, seconds, events_per_s, precision, device, threshold_mev).
+    ``cfg['seed']``. ``split``: resample the conditions of that split of ``dataset`` (``unseen``,
+    ``extrapolation``: the held-out regions; the generator must have been trained with the same
+    ``ingest.holdout``; ``generate.holdout_events`` events by default). Returns a summary (events,
+    seconds, events_per_s, precision, device, threshold_mev).
     """
     gcfg = cfg["generate"]
     file_source = (
@@ -475,6 +499,8 @@ def run(
     )
     if events is None and file_source is not None:
         events = _rows(file_source)  # a conditions file means one event per row unless told otherwise
+    if events is None and split not in (None, "test"):
+        events = int(gcfg["holdout_events"])
     events = int(gcfg["events"] if events is None else events)
     seed = int(cfg["seed"] if seed is None else seed)
     if events < 1:
@@ -488,7 +514,18 @@ def run(
     torch.set_num_threads(torch_threads)
     try:
         return _run(
-            cfg, gcfg, Path(generator_path), Path(out), events, seed, shard, shards, conditions_file, dataset, progress
+            cfg,
+            gcfg,
+            Path(generator_path),
+            Path(out),
+            events,
+            seed,
+            shard,
+            shards,
+            conditions_file,
+            dataset,
+            progress,
+            split,
         )
     finally:
         torch.set_num_threads(previous_threads)  # callers (tests, benchmarks) keep their setting
@@ -506,6 +543,7 @@ def _run(
     conditions_file: str | Path | None,
     dataset: str | Path | None,
     progress: bool,
+    split: str | None = None,
 ) -> dict[str, Any]:
     from surrogate.geometry import Geometry
     from surrogate.models import load_generator
@@ -521,9 +559,17 @@ def _run(
     pre = Preprocessor.from_dict(meta["preprocessing"])
     geometry = Geometry.from_dict(meta["geometry"])
     particles = list(getattr(pre, "particles", None) or [])
+    uses_dataset = conditions_file is None and (split is not None or gcfg["conditions"]["source"] == "test")
+    holdout = _check_holdout(generator_path, meta, dataset, uses_dataset)
 
     start, stop = shard_bounds(events, shards, shard)
-    cond_ss, latent_seed = shard_seeds(seed, shards, shard)
+    # a held-out split's file gets streams of its own (its shard 0 is not the test conditions' shard 0)
+    stream_seed = (
+        seed
+        if split in (None, "test")
+        else int(np.random.SeedSequence([seed, zlib.crc32(split.encode())]).generate_state(1)[0])
+    )
+    cond_ss, latent_seed = shard_seeds(stream_seed, shards, shard)
     cond, source = make_conditions(
         gcfg["conditions"],
         start,
@@ -532,8 +578,10 @@ def _run(
         dataset=dataset,
         conditions_file=conditions_file,
         default_pdg=particles[0] if len(particles) == 1 else None,
+        split=split,
     )
-    check_conditions(cond, pre, gcfg["extrapolation"], source)
+    # the extrapolation split lies outside the trained range by design: warn there, never refuse
+    check_conditions(cond, pre, "warn" if split == "extrapolation" else gcfg["extrapolation"], source)
     threshold = stage_threshold(cfg, dataset)
     latent = torch.Generator(device="cpu").manual_seed(latent_seed)
 
@@ -552,6 +600,7 @@ def _run(
         "readout_threshold_mev": threshold,
         "geometry": json.dumps(meta["geometry"], sort_keys=True),
         "condition_names": json.dumps(list(meta.get("condition_names", []))),
+        **({"holdout": holdout} if holdout != "[]" else {}),
     }
     log.info(
         "shard %d/%d: events %d..%d of %d, device %s, %s, batch %d, conditions %s, threshold %.4g MeV",
@@ -728,6 +777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--conditions", default=None, help="HDF5 file of conditions (overrides the config source)")
     parser.add_argument("--dataset", default="results/ingest/dataset.h5", help="ingest output (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: generate.threads)")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="resample the conditions of this split of --dataset (unseen, extrapolation: the ingest.holdout "
+        "regions; default events: generate.holdout_events) instead of generate.conditions",
+    )
     args, cfg = parse_stage_args(parser, argv)
     shards = args.shards if args.shards is not None else (cfg["generate"]["shards"] if args.shard is not None else 1)
     try:
@@ -742,6 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             conditions_file=args.conditions,
             dataset=args.dataset,
             threads=args.threads,
+            split=args.split,
         )
     except GenerateError as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")

@@ -11,6 +11,11 @@ across a boundary is decompressed twice): a reader thread decompresses and check
 chunk while the main thread writes this one to its split and adds its training rows to the
 preprocessing statistics. The small per-event columns are read back at the end to write the
 preprocessed conditions. Memory is bounded by a few chunks plus a few bytes per event.
+
+``ingest.holdout`` regions (:mod:`surrogate.holdout`) take their events out of train/val/test into
+the splits ``unseen`` and ``extrapolation`` (with a ``region`` column); every other event keeps
+the split the seed gave it. The file then records the regions (root attribute ``holdout``) and
+the stage refuses to write one whose train, val or test split holds an event inside a region.
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ import numpy as np
 import surrogate
 from surrogate.config import dump_config, parse_stage_args, stage_parser
 from surrogate.geometry import Geometry, from_config
+from surrogate.holdout import HoldoutError, Region, canonical, region_index, regions_from_config, split_names
 from surrogate.io import ProgressBar, atomic_path, sha256_file, write_json
 from surrogate.preprocess import Preprocessor
 
-__all__ = ["IngestError", "FORMAT_VERSION", "SPLITS", "run", "main"]
+__all__ = ["IngestError", "FORMAT_VERSION", "SPLITS", "HELDOUT_SPLITS", "run", "main"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+#: Splits of the events in ``ingest.holdout`` regions (written only when a region of that kind is set).
+HELDOUT_SPLITS = ("unseen", "extrapolation")
 _OPTIONAL = ("incident_eta", "incident_pdg", "mode")
 
 
@@ -303,6 +311,11 @@ def run(
     if abs(fractions.sum() - 1.0) > 1e-6:
         raise IngestError(f"ingest.split fractions sum to {fractions.sum():g}, expected 1")
     edges = np.cumsum(fractions)[:-1]
+    try:
+        regions = regions_from_config(cfg)
+    except HoldoutError as exc:
+        raise IngestError(str(exc)) from exc
+    splits = SPLITS + split_names(regions)
     _remove_stale(out_dir)
 
     files: list[h5py.File] = []
@@ -325,7 +338,9 @@ def run(
         digests = [hasher.submit(sha256_file, it.path) for it in items]
         hasher.shutdown(wait=False)
         labels = [_split_labels(int(cfg["seed"]), i, it.rows, chunk_events, edges) for i, it in enumerate(items)]
-        capacity = {s: int(sum((lab == i).sum() for lab in labels)) for i, s in enumerate(SPLITS)}
+        for item, lab in zip(items, labels, strict=True):
+            _hold_out(item, lab, regions, splits)
+        capacity = {s: int(sum((lab == i).sum() for lab in labels)) for i, s in enumerate(splits)}
 
         pre = Preprocessor.from_settings(cfg["preprocess"])
         stats = _Stats()
@@ -339,7 +354,7 @@ def run(
                     s: _SplitWriter(
                         out.create_group(s, track_order=True), capacity[s], geometry.n_voxels, settings["compression"]
                     )
-                    for s in SPLITS
+                    for s in splits
                 }
                 row_base = 0
                 for item, item_labels in zip(items, labels, strict=True):
@@ -354,7 +369,7 @@ def run(
                         keep = lab >= 0
                         min_positive = chunk.min_positive if keep.all() else _min_positive(a["showers"][keep])
                         stats.add(a, keep, min_positive, optional)
-                        for i, split in enumerate(SPLITS):
+                        for i, split in enumerate(splits):
                             rows = np.flatnonzero(lab == i)
                             if rows.size == 0:
                                 continue
@@ -372,15 +387,22 @@ def run(
                         bar.update(n)
                     row_base += item.rows
                 bar.close()
-                counts = {s: writers[s].finish() for s in SPLITS}
+                counts = {s: writers[s].finish() for s in splits}
                 for split, n in counts.items():
                     if n == 0:
                         raise IngestError(
                             f"split {split!r} would be empty ({sum(counts.values())} usable rows); add events"
+                            + (
+                                " or widen its ingest.holdout regions: "
+                                + ", ".join(r.label for r in regions if r.split == split)
+                                if split in HELDOUT_SPLITS
+                                else ""
+                            )
                         )
                 pre.finalize(settings["particles"])
                 t2 = time.perf_counter()
-                for split in SPLITS:
+                region_events = [0] * len(regions)
+                for split in splits:
                     g = out[split]
                     eta = g["incident_eta"][:] if "incident_eta" in optional else None
                     pdg = g["incident_pdg"][:] if "incident_pdg" in optional else None
@@ -388,6 +410,8 @@ def run(
                     g.create_dataset(
                         "conditions", data=cond, chunks=(min(len(cond), 8192), cond.shape[1]), track_times=False
                     )
+                    if regions:
+                        region_events = _check_regions(g, split, regions, region_events)
                 threshold = stats.threshold_mev
                 out.attrs["format_version"] = FORMAT_VERSION
                 out.attrs["seed"] = int(cfg["seed"])
@@ -397,6 +421,8 @@ def run(
                 out.attrs["mode_names"] = json.dumps(mode_names)
                 out.attrs["readout_threshold_mev"] = threshold
                 out.attrs["package_version"] = surrogate.__version__
+                if regions:  # absent without a holdout: the file is then the same as before holdouts existed
+                    out.attrs["holdout"] = canonical(regions)
             t3 = time.perf_counter()
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -410,6 +436,11 @@ def run(
                 "dropped": dict(stats.dropped),
                 "conditions": {"names": pre.condition_names, **stats.summary(optional, mode_names)},
                 "readout_threshold_mev": threshold,
+                **(
+                    {"holdout": [{**r.to_dict(), "events": n} for r, n in zip(regions, region_events, strict=True)]}
+                    if regions
+                    else {}
+                ),
                 "timings_s": {"open": t1 - t0, "read_check_write": t2 - t1, "conditions": t3 - t2},
             }
             manifest["timings_s"]["total"] = time.perf_counter() - t0
@@ -418,6 +449,9 @@ def run(
     finally:
         for f in files:
             f.close()
+    for split in splits[len(SPLITS) :]:
+        names = ", ".join(r.label for r in regions if r.split == split)
+        log.info("held out of training: %d events in split %r (%s)", counts[split], split, names)
     log.info(
         "ingested %d rows from %d file(s): train %d, val %d, test %d, dropped %d (%.1f s)",
         total,
@@ -429,6 +463,52 @@ def run(
         t3 - t0,
     )
     return manifest
+
+
+def _hold_out(item: _Input, labels: np.ndarray, regions: tuple[Region, ...], splits: tuple[str, ...]) -> None:
+    """Relabel, in place, the rows of ``item`` inside a held-out region with their split's index in ``splits``.
+
+    Reads the input's condition columns whole (a few bytes per event). The train/val/test draw of
+    every other row is unchanged, so a holdout moves events out of the splits and reshuffles nothing.
+    """
+    if not regions:
+        return
+    cols = {}
+    for key in ("incident_energies", "incident_eta", "incident_pdg"):
+        ds = item.datasets.get(key)
+        cols[key] = np.zeros(item.rows) if ds is None else ds[()].reshape(-1)
+    where = region_index(regions, cols["incident_energies"], cols["incident_eta"], cols["incident_pdg"])
+    for i, r in enumerate(regions):
+        labels[where == i] = splits.index(r.split)
+
+
+def _check_regions(g: h5py.Group, split: str, regions: tuple[Region, ...], counts: list[int]) -> list[int]:
+    """Write the ``region`` column of a held-out split and count its events per region; refuse an
+    event of train/val/test inside a region, or a held-out event outside its split's regions."""
+    where = region_index(
+        regions, g["incident_energies"][:, 0], g["incident_eta"][:, 0], g["incident_pdg"][:, 0]
+    ).astype(np.int64)
+    if split in SPLITS:
+        inside = np.flatnonzero(where >= 0)
+        if inside.size:
+            raise IngestError(
+                f"split {split!r} row {inside[0]} (source row {g['source_row'][inside[0]]}) lies in held-out region "
+                f"{regions[where[inside[0]]].name!r}: refusing to write a dataset that leaks it into {split}"
+            )
+        return counts
+    own = [i for i, r in enumerate(regions) if r.split == split]
+    stray = np.flatnonzero(~np.isin(where, own))
+    if stray.size:
+        raise IngestError(f"split {split!r} row {stray[0]} lies in none of its regions (internal error)")
+    g.create_dataset("region", data=where.astype(np.int8), track_times=False)
+    g.attrs["regions"] = json.dumps([regions[i].name for i in own])
+    n = np.bincount(where, minlength=len(regions))
+    for i in own:
+        if n[i] == 0:
+            raise IngestError(
+                f"held-out region {regions[i].label} holds no events of the inputs; widen it or remove it"
+            )
+    return [c + int(n[i]) if i in own else c for i, c in enumerate(counts)]
 
 
 class _Stats:

@@ -28,8 +28,12 @@ import numpy as np
 import torch
 
 from surrogate.config import parse_stage_args, stage_parser
+from surrogate.holdout import SPLIT_OF_KIND
 from surrogate.io import write_json
 from surrogate.validation.scoreboard import headline
+
+#: The held-out splits whose validation the summary may carry (ingest.holdout).
+HELDOUT_SPLITS = tuple(SPLIT_OF_KIND.values())
 
 __all__ = ["ReportError", "ShowerSampler", "resolve_tracking_uri", "flatten", "onnx_signature", "run", "main"]
 
@@ -227,14 +231,11 @@ def _metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
             if key != "step" and isinstance(value, int | float) and value == value:  # skip NaN
                 out.append((f"train.{key}", float(value), step))
     summary = info["validate_summary"] or {}
-    for m in summary.get("metrics", []):
-        for field in ("value", "error", "floor", "threshold"):
-            v = m.get(field)
-            if isinstance(v, int | float) and v == v:
-                out.append((f"validate.{m['name']}.{field}", float(v), 0))
-        if "passed" in m and m["passed"] is not None:
-            out.append((f"validate.{m['name']}.passed", float(bool(m["passed"])), 0))
-    out += _headline_metrics(summary)
+    out += _validation_metrics(summary)
+    # held-out conditions (ingest.holdout): the same metrics under their split's name
+    for split in HELDOUT_SPLITS:
+        if isinstance(summary.get(split), dict):
+            out += [(f"{split}.{n}", v, s) for n, v, s in _validation_metrics(summary[split])]
     for stage, seconds in info["stage_seconds"].items():
         out.append((f"stage_seconds.{stage}", seconds, 0))
     gen = info["generate_summary"] or {}
@@ -245,6 +246,19 @@ def _metrics(info: dict[str, Any]) -> list[tuple[str, float, int]]:
         if isinstance(train.get(key), int | float):
             out.append((f"train.summary.{key}", float(train[key]), 0))
     return out
+
+
+def _validation_metrics(summary: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """Every test's value, error, floor, threshold and pass (``validate.<test>.<field>``), and the headline."""
+    out: list[tuple[str, float, int]] = []
+    for m in summary.get("metrics", []):
+        for field in ("value", "error", "floor", "threshold"):
+            v = m.get(field)
+            if isinstance(v, int | float) and v == v:
+                out.append((f"validate.{m['name']}.{field}", float(v), 0))
+        if "passed" in m and m["passed"] is not None:
+            out.append((f"validate.{m['name']}.passed", float(bool(m["passed"])), 0))
+    return out + _headline_metrics(summary)
 
 
 def _headline_metrics(summary: dict[str, Any]) -> list[tuple[str, float, int]]:
@@ -310,6 +324,8 @@ def run(
     tags["device"] = str(train.get("device", "unknown"))
     verdict = (info["validate_summary"] or {}).get("verdict", "NOT_RUN")
     tags["validation.verdict"] = verdict
+    for key, value in ((info["validate_summary"] or {}).get("verdicts") or {}).items():
+        tags[f"validation.{key}.verdict"] = str(value)  # seen, unseen, extrapolation (ingest.holdout)
 
     def log_everything(run_id: str) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -361,6 +377,9 @@ def run(
 def _note(verdict: str, info: dict[str, Any]) -> str:
     train = info["train_summary"] or {}
     lines = [f"Validation verdict: **{verdict}**"]
+    line = (info["validate_summary"] or {}).get("verdict_line")
+    if line:
+        lines.append(line)
     if train:
         lines.append(f"Best generator at step {train.get('best_step')} (score {train.get('best_score')}).")
     seconds = info["stage_seconds"]
@@ -381,6 +400,10 @@ def _artifacts(results: Path, config_path: str | Path | Sequence[str | Path] | N
         (results / "export" / "generator.json", "export"),
     ]
     candidates += [(p, "validate/plots") for p in sorted((results / "validate" / "plots").glob("*.png"))]
+    for split in HELDOUT_SPLITS:
+        candidates += [
+            (p, f"validate/plots/{split}") for p in sorted((results / "validate" / "plots" / split).glob("*.png"))
+        ]
     if config_path is not None:  # one file, or the overlays given to --config
         paths = [config_path] if isinstance(config_path, str | Path) else config_path
         candidates += [(Path(p), "config") for p in paths]

@@ -93,6 +93,7 @@ import torch.distributed as dist
 
 from surrogate.config import dump_config, parse_stage_args, stage_parser
 from surrogate.device import resolve_device, resolve_precision
+from surrogate.holdout import HoldoutError, canonical, check_same, region_index, regions_from_config
 from surrogate.io import ProgressBar, atomic_path, write_json
 from surrogate.losses import critic_loss, drift_penalty, generator_loss, gradient_penalty, wasserstein_estimate
 from surrogate.models import FORMAT_VERSION, ModelConfig, build_models, count_parameters, head_info
@@ -683,12 +684,31 @@ def load_split(path: str | Path, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_holdout(cfg: dict[str, Any], dataset: Path, attrs: dict[str, Any], tr: dict[str, np.ndarray]) -> None:
+    """Refuse a dataset ingested with other held-out regions than the config's, or whose train
+    split holds an event inside one of the config's regions (a leak, whatever made the file)."""
+    try:
+        regions = regions_from_config(cfg)
+    except HoldoutError as exc:
+        raise TrainError(str(exc)) from exc
+    check_same(attrs.get("holdout"), canonical(regions), str(dataset), "the config (ingest.holdout)", TrainError)
+    where = region_index(regions, tr["incident_energies"], tr["incident_eta"], tr["incident_pdg"])
+    inside = np.flatnonzero(where >= 0)
+    if inside.size:
+        raise TrainError(
+            f"{dataset}: train row {inside[0]} lies in held-out region {regions[where[inside[0]]].label} "
+            f"({inside.size} train events do): refusing to train on conditions the config holds out"
+        )
+
+
 def _dataset_attrs(path: Path) -> dict[str, Any]:
     try:
         with h5py.File(path, "r") as f:
             out = {k: json.loads(f.attrs[k]) for k in ("geometry", "preprocessing", "condition_names")}
             if "readout_threshold_mev" in f.attrs:  # written by ingest (the data's readout threshold)
                 out["readout_threshold_mev"] = float(f.attrs["readout_threshold_mev"])
+            if "holdout" in f.attrs:  # written by ingest when it held condition regions out
+                out["holdout"] = str(f.attrs["holdout"])
             return out
     except KeyError as exc:
         raise TrainError(f"{path}: missing root attribute {exc} (written by surrogate.ingest)") from exc
@@ -844,6 +864,7 @@ def _run(
     va = load_split(dataset, "val") if rank == 0 else {}
     if len(tr["showers"]) == 0:
         raise TrainError(f"{dataset}: the train split is empty")
+    _check_holdout(cfg, dataset, attrs, tr)
     x = torch.from_numpy(pre.transform_showers(tr["showers"], tr["incident_energies"])).to(device)
     c = torch.from_numpy(np.asarray(tr["conditions"], dtype=np.float32)).to(device)
     mcfg, head, physics = model_parts(
@@ -1136,6 +1157,8 @@ class _Trainer:
                         "steps_trained": int(state.step),
                         "precision": state.settings.precision,
                         "seed": int(self.cfg["seed"]),
+                        # the regions it never saw (absent without a holdout, as before holdouts existed)
+                        **({"holdout": self.attrs["holdout"]} if "holdout" in self.attrs else {}),
                     },
                     tmp,
                 )

@@ -48,6 +48,15 @@ def results(tmp_path: Path) -> Path:
             {"name": "response/mean", "value": 1.01, "error": 0.01, "floor": 0.002, "threshold": 0.02, "passed": True},
             {"name": "fpd", "value": 3.0, "error": 0.1, "floor": 0.01, "threshold": 0.1, "passed": False},
         ],
+        # held-out conditions (ingest.holdout): their own key, verdict and metrics
+        "verdicts": {"seen": "FAIL", "unseen": "PASS"},
+        "verdict_line": "verdict FAIL: seen conditions: FAIL; conditions never seen in training: PASS",
+        "unseen": {
+            "verdict": "PASS",
+            "metrics": [
+                {"name": "fpd", "value": 0.2, "error": 0.1, "floor": 0.01, "threshold": 0.1, "passed": True},
+            ],
+        },
     }
     (res / "validate" / "summary.json").write_text(json.dumps(summary))
     (res / "validate" / "report.html").write_text("<html><body>report</body></html>")
@@ -90,6 +99,9 @@ def test_report_to_sqlite_reads_back(results, tmp_path):
     assert run.data.metrics["headline.verdict"] == 0.0
     assert (run.data.metrics["headline.n_tests"], run.data.metrics["headline.n_failed"]) == (2.0, 1.0)
     assert (run.data.metrics["headline.fpd"], run.data.metrics["headline.fpd.floor"]) == (3.0, 0.01)
+    assert run.data.tags["validation.unseen.verdict"] == "PASS" and run.data.tags["validation.seen.verdict"] == "FAIL"
+    assert (run.data.metrics["unseen.validate.fpd.value"], run.data.metrics["unseen.headline.n_failed"]) == (0.2, 0.0)
+    assert run.data.metrics["unseen.headline.verdict"] == 1.0
     assert run.data.metrics["stage_seconds.train"] == 12.5
     assert run.data.metrics["generate.events_per_second"] == 8 / 4.0  # events over the shards' summed seconds
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validate")}

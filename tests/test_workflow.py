@@ -1,5 +1,6 @@
 """End to end: a tiny config through `snakemake --cores 2`, then the rerun behaviour users rely on."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -162,3 +163,35 @@ def test_changed_training_key_reruns_train_and_downstream(workflow_dir):
     assert ckpt["model_config"]["g_width"] == 48
     assert "starting at step 0" in (workflow_dir / "results/logs/train.log").read_text()
     assert "Nothing to be done" in (lambda o: o.stdout + o.stderr)(_snakemake(workflow_dir, "-n"))
+
+
+@pytest.mark.slow
+def test_interpolation_overlay_runs_end_to_end(workflow_dir, tmp_path):
+    """With held-out regions (as config/interpolation.yaml, sized for the tiny sample) the DAG generates and
+    validates the unseen and extrapolation conditions too, and they appear in summary.json, report.html
+    and the MLflow run; the simulator's output is reused."""
+    work = tmp_path / "w"
+    shutil.copytree(workflow_dir, work)
+    overlay = yaml.safe_load((ROOT / "config" / "interpolation.yaml").read_text())
+    overlay["ingest"]["holdout"] = [r for r in overlay["ingest"]["holdout"] if r.get("eta") is None]
+    overlay["generate"] = {"holdout_events": 1000}
+    # the logged model is tested by the default run: not again here (it is a third of the report's time)
+    overlay["report"] = {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "log_model": False}
+    (work / "interp.yaml").write_text(yaml.safe_dump(overlay))
+    out = _snakemake(work, "interp.yaml")  # a second --configfile, laid over tiny.yaml
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-5000:]
+    assert "rule simulate" not in text
+    manifest = json.loads((work / "results/ingest/manifest.json").read_text())
+    assert manifest["rows"]["unseen"] > 0 and manifest["rows"]["extrapolation"] > 0
+    summary = json.loads((work / "results/validate/summary.json").read_text())
+    assert set(summary["verdicts"]) == {"seen", "unseen", "extrapolation"}
+    assert summary["unseen"]["n_tests"] > 0 and summary["extrapolation"]["informational"] is True
+    assert "conditions never seen in training" in summary["verdict_line"]
+    assert "Conditions never seen in training" in (work / "results/validate/report.html").read_text()
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((work / "results/report/mlflow_run.json").read_text())
+    run = MlflowClient(record["tracking_uri"]).get_run(record["run_id"])
+    assert run.data.tags["validation.unseen.verdict"] == summary["unseen"]["verdict"]
+    assert run.data.metrics["unseen.headline.n_tests"] == summary["unseen"]["n_tests"]

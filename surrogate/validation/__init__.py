@@ -34,6 +34,13 @@ Steps:
    A test passes when its Holm-adjusted p-value exceeds ``alpha``; the verdict is PASS when
    every test passes.
 
+4. Held-out conditions (``ingest.holdout``, :mod:`surrogate.holdout`): with ``--unseen FILE``
+   (events generated at the conditions of the ``unseen`` split) steps 1-3 run again with that split
+   as the reference, its own floors (``floors --split unseen``) and its own Holm correction; the
+   summary holds the result under ``unseen``, the verdict needs both, and ``verdict_line`` says how
+   each did. ``--extrapolation FILE`` does the same for the ``extrapolation`` split, reported under
+   its key and in its own page section, outside the verdict.
+
 Outputs (atomic): ``summary.json``, ``report.html`` (self-contained), ``plots/*.png`` (drawn in a
 separate process while the tests run, when ``threads > 1``) and the resolved ``config.yaml``.
 

@@ -188,13 +188,14 @@ def read_floors(path: Path, identity: str) -> dict[str, Any] | None:
 
 
 def compute_floors(
-    cfg: dict[str, Any], dataset: str | Path, out: str | Path, threads: int | None = None
+    cfg: dict[str, Any], dataset: str | Path, out: str | Path, threads: int | None = None, split: str = "test"
 ) -> dict[str, Any]:
-    """Every real-vs-real floor of ``dataset``'s test split, written to ``out`` (JSON) for
-    :func:`~surrogate.validation.stage.run`, computed in ``threads`` threads (default ``validate.threads``)."""
+    """Every real-vs-real floor of ``dataset``'s test split (or held-out ``split``), written to ``out``
+    (JSON) for :func:`~surrogate.validation.stage.run`, computed in ``threads`` threads (default
+    ``validate.threads``)."""
     t0 = time.perf_counter()
     settings, seed = cfg["validate"], int(cfg["seed"])
-    real, train, binning = load_splits(dataset, settings)
+    real, train, binning = load_splits(dataset, settings, split)
     s_eval = seeds(seed, 3)[2]
     floors: dict[str, Any] = {}
     fill_floors(real, train, binning, settings, s_eval, floors, threads or settings["threads"])

@@ -132,10 +132,13 @@ def load_real(path: str | Path, group: str = "test", max_rows: int | None = None
     )
 
 
-def load_splits(dataset: str | Path, settings: dict[str, Any]) -> tuple[RealSample, RealSample | None, Binning]:
-    """The test split, the train events of the mode classifier (None without truth modes), the condition bins."""
-    real = load_real(dataset, "test")
-    log.info("real test split: %d events, %d features", len(real.energy), len(real.names))
+def load_splits(
+    dataset: str | Path, settings: dict[str, Any], split: str = "test"
+) -> tuple[RealSample, RealSample | None, Binning]:
+    """The reference split (``test``, or a held-out one: ``unseen``, ``extrapolation``), the train
+    events of the mode classifier (None without truth modes), the condition bins."""
+    real = load_real(dataset, split)
+    log.info("real %s split: %d events, %d features", split, len(real.energy), len(real.names))
     train = None
     if np.all(real.mode >= 0):
         train = load_real(dataset, "train", max_rows=settings["subsample"]["mode_classifier_events"])

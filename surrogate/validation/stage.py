@@ -19,6 +19,7 @@ import numpy as np
 
 from surrogate.config import dump_config, parse_stage_args, stage_parser
 from surrogate.features import FeaturesError
+from surrogate.holdout import HoldoutError, canonical, check_same, regions_from_config, split_names
 from surrogate.io import atomic_path, write_json
 from surrogate.validation import html, processes
 from surrogate.validation.binning import Binning
@@ -40,6 +41,9 @@ __all__ = ["run", "main"]
 
 log = logging.getLogger(__name__)
 
+#: The held-out splits the stage can validate besides the test split (:mod:`surrogate.holdout`).
+HELDOUT = ("unseen", "extrapolation")
+
 
 def _plain(s: RealSample | GeneratedSample) -> types.SimpleNamespace:
     """What the layer plot needs of a sample (features, energy, pdg), without the rest, to send it to a process."""
@@ -47,12 +51,17 @@ def _plain(s: RealSample | GeneratedSample) -> types.SimpleNamespace:
 
 
 def _real_side(
-    state: dict[str, Any], dataset: str | Path, settings: dict[str, Any], seed: int, floors_path: str | Path | None
+    state: dict[str, Any],
+    dataset: str | Path,
+    settings: dict[str, Any],
+    seed: int,
+    floors_path: str | Path | None,
+    split: str = "test",
 ) -> tuple[RealSample, RealSample | None, Binning, dict[str, Any], str]:
     """The real samples and the floors (kept in ``state``, read from ``floors_path`` when they match),
     and where the floors come from: "reused", the file, or "computed here" (computed later)."""
     if "real" not in state:
-        state["real"], state["train"], state["binning"] = load_splits(dataset, settings)
+        state["real"], state["train"], state["binning"] = load_splits(dataset, settings, split)
     real, train, binning = state["real"], state["train"], state["binning"]
     floors = state.setdefault("floors", {})
     source = "reused" if floors else "computed here"
@@ -119,8 +128,16 @@ def run(
     plots: bool = True,
     reuse: dict[Any, Any] | None = None,
     floors_path: str | Path | None = None,
+    heldout: dict[str, str | Path] | None = None,
+    heldout_floors: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Validate ``generated`` against the test split of ``dataset``; write the outputs in ``out``.
+
+    ``heldout``: {split: generated file} for the held-out splits of ``dataset`` (``unseen``,
+    ``extrapolation``: :mod:`surrogate.holdout`), each generated at its split's conditions. They are
+    validated the same way, against their own split, with their own floors (``heldout_floors``
+    {split: floors file}, else computed here) and Holm correction, and reported under their own
+    key of the summary: ``unseen`` enters the verdict, ``extrapolation`` is informational.
 
     ``floors_path``: the real-vs-real floors written by :func:`compute_floors` for this dataset,
     settings and seed; used when they match, else (logged) computed here, with the same results.
@@ -159,8 +176,35 @@ def run(
         processes.start_readers(threads) if threads > 1 else None,
         processes.Plotter(separate=threads > 1) if plots else None,
     )
+    heldout = {s: heldout[s] for s in HELDOUT if s in (heldout or {})} | dict(heldout or {})  # in page order
     try:
+        expected = _check_holdout(cfg, dataset, heldout)
         summary, plot_paths = _validate(cfg, state, dataset, generated, out, history, threads, procs, floors_path)
+        for split, path in heldout.items():
+            # in this process: the held-out files are small beside the main one, the readers are stopped
+            sub_state = {} if reuse is None else reuse.setdefault((*identity, split), {})
+            sub_procs = _Processes(None, processes.Plotter(separate=False) if plots else None)
+            try:
+                part, part_plots = _validate(
+                    cfg,
+                    sub_state,
+                    dataset,
+                    path,
+                    out,
+                    None,
+                    threads,
+                    sub_procs,
+                    (heldout_floors or {}).get(split),
+                    split=split,
+                )
+            finally:
+                sub_procs.close()
+            part["regions"] = [r.to_dict() for r in expected if r.split == split]
+            part["informational"] = split == "extrapolation"
+            summary[split] = part
+            plot_paths += part_plots
+        if heldout:
+            _verdicts(summary, list(heldout))
     finally:  # on an error too: no process is left behind
         procs.close()
     summary["seconds"]["total"] = time.perf_counter() - t_start
@@ -176,7 +220,67 @@ def run(
         summary["n_tests"],
         f" (first: {', '.join(failed[:5])})" if failed else "",
     )
+    if "verdict_line" in summary:
+        log.info("%s", summary["verdict_line"])
     return summary
+
+
+def _check_holdout(cfg: dict[str, Any], dataset: str | Path, heldout: dict[str, str | Path]) -> tuple:
+    """The config's held-out regions, after checking that ``dataset`` and every held-out generated file
+    hold out the same ones (else the "unseen" events may have been trained on)."""
+    import h5py
+
+    try:
+        regions = regions_from_config(cfg)
+    except HoldoutError as exc:
+        raise ValidateError(str(exc)) from exc
+    expected = canonical(regions)
+    try:
+        with h5py.File(dataset, "r") as f:
+            stored = f.attrs.get("holdout")
+    except OSError as exc:
+        raise ValidateError(f"{dataset}: cannot open as HDF5 ({exc})") from exc
+    check_same(stored, expected, str(dataset), "the config (ingest.holdout)", ValidateError)
+    for split, path in heldout.items():
+        if split not in split_names(regions):
+            raise ValidateError(
+                f"{path}: given for split {split!r}, but ingest.holdout has no region of that kind "
+                f"(held-out splits: {list(split_names(regions)) or 'none'})"
+            )
+        try:
+            with h5py.File(path, "r") as f:
+                stored = f.attrs.get("holdout")
+                source = f.attrs.get("condition_source")
+        except OSError as exc:
+            raise ValidateError(f"{path}: cannot open as HDF5 ({exc})") from exc
+        check_same(stored, expected, f"the generator of {path}", "the config (ingest.holdout)", ValidateError)
+        if source is not None and str(source) != split:
+            raise ValidateError(f"{path}: generated at the conditions of {source!r}, expected {split!r} (--split)")
+    for split in split_names(regions):
+        if split not in heldout:
+            log.warning(
+                "ingest.holdout fills the split %r, but no events generated at its conditions were given "
+                "(--%s FILE): it is not validated, and the verdict covers the seen conditions only",
+                split,
+                split,
+            )
+    return regions
+
+
+def _verdicts(summary: dict[str, Any], splits: list[str]) -> None:
+    """With held-out splits: ``verdict`` becomes seen and unseen together, ``verdicts`` and
+    ``verdict_line`` say how each did (extrapolation informational, outside the verdict)."""
+    verdicts = {"seen": summary["verdict"]}
+    parts = [f"seen conditions: {summary['verdict']} ({summary['n_failed']} of {summary['n_tests']} tests failed)"]
+    for split in splits:
+        part = summary[split]
+        verdicts[split] = part["verdict"]
+        what = "conditions never seen in training" if split == "unseen" else "extrapolation (informational)"
+        parts.append(f"{what}: {part['verdict']} ({part['n_failed']} of {part['n_tests']} tests failed)")
+    judged = [v for k, v in verdicts.items() if k != "extrapolation"]
+    summary["verdict"] = "PASS" if all(v == "PASS" for v in judged) else "FAIL"
+    summary["verdicts"] = verdicts
+    summary["verdict_line"] = f"verdict {summary['verdict']}: " + "; ".join(parts)
 
 
 @dataclass
@@ -225,14 +329,17 @@ def _validate(
     threads: int,
     procs: _Processes,
     floors_path: str | Path | None,
+    split: str = "test",
 ) -> tuple[dict[str, Any], list[Path]]:
-    """The body of :func:`run` while its processes run: the summary (tests Holm-corrected) and the plots."""
+    """The body of :func:`run` while its processes run: the summary (tests Holm-corrected) and the plots
+    (a held-out ``split``'s in ``plots/<split>/``)."""
     plotter = procs.plotter
     settings, sub = cfg["validate"], cfg["validate"]["subsample"]
     _, s_match, s_eval = seeds(int(cfg["seed"]), 3)
-    real, train, binning, floors, floors_source = _real_side(state, dataset, settings, s_eval, floors_path)
+    real, train, binning, floors, floors_source = _real_side(state, dataset, settings, s_eval, floors_path, split)
+    plot_dir = out / "plots" if split == "test" else out / "plots" / split
     if plotter is not None and history is not None:
-        plotter.submit("training_curves", out / "plots", history)
+        plotter.submit("training_curves", plot_dir, history)
     n_real = len(real.energy)
     gen_args = (generated, real.geometry, real.names, binning, binning.index(real.energy, real.eta, real.pdg))
     gen_kw = {
@@ -264,9 +371,9 @@ def _validate(
         )
         if plotter is not None:  # drawn there while the tests run here
             plotter.submit(
-                "feature_histograms", out / "plots", real.features, gen.features, real.names, settings["hist_bins"]
+                "feature_histograms", plot_dir, real.features, gen.features, real.names, settings["hist_bins"]
             )
-            plotter.submit("layer_plot", out / "plots", _plain(real), _plain(gen), real.names)
+            plotter.submit("layer_plot", plot_dir, _plain(real), _plain(gen), real.names)
         # the plotting process keeps a core busy meanwhile: one test thread waits for it to finish
         tests, info = evaluate(
             real,
@@ -277,7 +384,7 @@ def _validate(
             s_eval,
             floors,
             threads=threads,
-            on_family=_plot_hook(plotter, out / "plots", binning),
+            on_family=_plot_hook(plotter, plot_dir, binning),
             busy_until=None if plotter is None else plotter.drain,
         )
     plot_paths: list[Path] = []
@@ -296,11 +403,14 @@ def _floors_main(argv: list[str]) -> int:
     parser.add_argument("--dataset", required=True, help="ingest output HDF5 (its 'test' group is the reference)")
     parser.add_argument("--out", required=True, help="output JSON, e.g. results/validate/floors.json")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: validate.threads)")
+    parser.add_argument(
+        "--split", default="test", help="the reference split: test, or a held-out one (unseen, extrapolation)"
+    )
     args, cfg = parse_stage_args(parser, argv)
     from surrogate.metrics import MetricError
 
     try:
-        compute_floors(cfg, args.dataset, args.out, args.threads)
+        compute_floors(cfg, args.dataset, args.out, args.threads, split=args.split)
     except (ValidateError, MetricError, FeaturesError) as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     return 0
@@ -334,13 +444,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="reader processes for the generated file (default: validate.threads); above 1, "
         "plots are drawn in one more process",
     )
+    for split in HELDOUT:
+        parser.add_argument(
+            f"--{split}",
+            default=None,
+            metavar="FILE",
+            help=f"events generated at the conditions of the held-out split {split!r} (generate --split {split}); "
+            "validated against it, reported under its own key"
+            + (" (informational, outside the verdict)" if split == "extrapolation" else ""),
+        )
+        parser.add_argument(f"--{split}-floors", default=None, metavar="FILE", help=f"floors of the {split} split")
     args, cfg = parse_stage_args(parser, argv)
     history = args.history if args.history and Path(args.history).exists() else None
     from surrogate.metrics import MetricError
 
+    heldout = {s: getattr(args, s) for s in HELDOUT if getattr(args, s)}
+    heldout_floors = {s: getattr(args, f"{s}_floors") for s in HELDOUT if getattr(args, f"{s}_floors")}
     try:
         summary = run(
-            cfg, args.dataset, args.generated, args.out, history=history, threads=args.threads, floors_path=args.floors
+            cfg,
+            args.dataset,
+            args.generated,
+            args.out,
+            history=history,
+            threads=args.threads,
+            floors_path=args.floors,
+            heldout=heldout,
+            heldout_floors=heldout_floors,
         )
     except (ValidateError, MetricError, FeaturesError) as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")

@@ -20,6 +20,17 @@ def ingest_inputs(wildcards=None):
     return config["ingest"]["inputs"] or [config["simulate"]["output"]]
 
 
+def heldout_splits():
+    """The held-out splits of ingest.holdout (unseen, extrapolation; none by default): each gets its own
+    generated file and floors, and validate judges it on its own."""
+    from surrogate.holdout import regions_from_config, split_names
+
+    return list(split_names(regions_from_config(config)))
+
+
+HELDOUT = heldout_splits()
+
+
 def source_hash(*modules):
     """sha256 of the installed modules' source (a package: every .py file in it, sorted), as a rule
     parameter: a change to the code that computes a result reruns the rule (Snakemake does not track
@@ -37,3 +48,4 @@ def source_hash(*modules):
         for path in files:
             h.update(path.read_bytes())
     return h.hexdigest()
+

@@ -40,3 +40,26 @@ rule generate:
         "results/benchmarks/join.tsv"
     shell:
         "python -m surrogate.generate join --shards {input} --out {output} 2> {log}"
+
+
+rule generate_heldout:
+    """Events at the conditions of a held-out split (ingest.holdout): generate.holdout_events in one file."""
+    input:
+        generator="results/train/generator.pt",
+        dataset="results/ingest/dataset.h5",
+    output:
+        "results/generate/{split}.h5",
+    wildcard_constraints:
+        split="unseen|extrapolation",
+    params:
+        settings={k: config.get(k) for k in ("seed", "generate")},
+    log:
+        "results/logs/generate-{split}.log",
+    benchmark:
+        "results/benchmarks/generate_heldout-{split}.tsv"  # not generate-*: those are the shards of events.h5
+    threads: 2
+    resources:
+        gpu=1,
+    shell:
+        "python -m surrogate.generate --config {RESOLVED_CONFIG} --generator {input.generator}"
+        " --dataset {input.dataset} --split {wildcards.split} --out {output} --threads {threads} 2> {log}"

@@ -21,13 +21,36 @@ rule validate_floors:
         " --out {output} --threads {threads} 2> {log}"
 
 
+rule validate_floors_heldout:
+    """Real-vs-real floors of a held-out split (ingest.holdout), beside training."""
+    input:
+        dataset="results/ingest/dataset.h5",
+    output:
+        "results/validate/floors-{split}.json",
+    wildcard_constraints:
+        split="unseen|extrapolation",
+    params:
+        settings={k: config.get(k) for k in ("seed", "validate")},
+        code=rules.validate_floors.params.code,
+    log:
+        "results/logs/validate-floors-{split}.log",
+    benchmark:
+        "results/benchmarks/validate-floors-{split}.tsv"
+    threads: 32
+    shell:
+        "python -m surrogate.validate floors --config {RESOLVED_CONFIG} --dataset {input.dataset}"
+        " --split {wildcards.split} --out {output} --threads {threads} 2> {log}"
+
+
 rule validate:
-    """Physics distributions and mode coverage against the held-out test split."""
+    """Physics distributions and mode coverage against the held-out test split (and the held-out conditions)."""
     input:
         dataset="results/ingest/dataset.h5",
         generated="results/generate/events.h5",
         floors="results/validate/floors.json",
         history="results/train/history.jsonl",
+        heldout=expand("results/generate/{split}.h5", split=HELDOUT),
+        heldout_floors=expand("results/validate/floors-{split}.json", split=HELDOUT),
     output:
         summary="results/validate/summary.json",
         html=report("results/validate/report.html", caption="../report/validate.rst", category="Validation"),
@@ -39,6 +62,9 @@ rule validate:
         ),
     params:
         settings={k: config.get(k) for k in ("seed", "validate")},
+        heldout="".join(
+            f" --{s} results/generate/{s}.h5 --{s}-floors results/validate/floors-{s}.json" for s in HELDOUT
+        ),
     log:
         "results/logs/validate.log",
     benchmark:
@@ -47,4 +73,4 @@ rule validate:
     shell:
         "python -m surrogate.validate --config {RESOLVED_CONFIG} --dataset {input.dataset}"
         " --generated {input.generated} --floors {input.floors} --history {input.history} --out results/validate"
-        " --threads {threads} 2> {log}"
+        "{params.heldout} --threads {threads} 2> {log}"
