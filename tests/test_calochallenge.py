@@ -44,6 +44,7 @@ PLAIN = [
 #: test_train.py's tiny model, a few steps: enough to prove that training runs on a plain file
 TINY_TRAIN = [*TINY, "train.steps=4"]
 TINY_VALIDATE = [
+    "ingest.split={train: 0.45, val: 0.05, test: 0.5}",  # ~20 test events per energy: every bin tested
     "validate.min_bin_events=10",
     "validate.n_boot=3",
     "validate.subsample.classifier_events=100",
@@ -249,10 +250,9 @@ def test_validation_bins_by_discrete_energy_and_names_the_particle(validated) ->
     binning = summary["binning"]
     assert binning["energy"] == "discrete" and binning["labels"] == LABELS and binning["eta_edges"] is None
     assert binning["particles"] == {"photon": 0}
-    assert summary["bins_used"] and set(summary["bins_used"]) <= set(LABELS)
+    assert summary["bins_used"] == LABELS  # one bin per energy, each with enough real events
     names = [m["name"] for m in summary["metrics"]]
-    response = sorted(n.split("/", 1)[1] for n in names if n.startswith("response_mean/"))
-    assert response and set(response) <= set(LABELS)
+    assert [n.split("/", 1)[1] for n in names if n.startswith("response_mean/")] == LABELS
     per_bin = {n.split("/")[1] for n in names if n.startswith("ks/") and n.split("/")[1] != "all"}
     assert per_bin == set(summary["bins_used"])
     text = (validated["out"] / "report.html").read_text() + json.dumps(summary)
@@ -266,6 +266,13 @@ def test_mlflow_names_follow_the_labels(validated, plain) -> None:
     assert any(n.startswith("validate.response_mean/photon_E") for n in metrics)
     params = report.flatten(plain["cfg"])
     assert params["ingest.particle_name"] == "photon" and not [k for k in params if "pdg0" in k]
+
+
+def test_thin_bins_are_named_in_a_warning(plain, tmp_path, caplog) -> None:
+    """Bins below validate.min_bin_events are left out of the per-bin tests, and a warning says so."""
+    cfg = {**plain["cfg"], "validate": {**plain["cfg"]["validate"], "min_bin_events": 10_000}}
+    V.compute_floors(cfg, plain["dataset"], tmp_path / "floors.json", threads=1)
+    assert "15 of 15 condition bins with real events have fewer than validate.min_bin_events = 10000" in caplog.text
 
 
 def _nothing() -> dict[str, Any]:
