@@ -276,7 +276,8 @@ def metadata_for(meta: dict[str, Any], pre: Any, geometry: Any, threshold_mev: f
         "generator_sha256": sha256,
         "generator_step": str(int(meta.get("step", -1))),
         "extrapolation": "outside energy_range_mev / eta_range the generator extrapolates (surrogate.generate warns); "
-        "a PDG code not in 'particles' is an error (the graph gives it an all-zero particle one-hot)",
+        "a PDG code not in 'particles' is an error (the graph gives it an all-zero particle one-hot); "
+        "with 'particles' empty (trained without codes) or one code, the graph ignores incident_pdg",
     }
 
 
@@ -345,7 +346,9 @@ class OnnxShowerModel:
     """An exported file in ONNX Runtime, with the generate stage's checks on the conditions.
 
     ``model(z, energies, eta, pdg)`` -> showers (N, V) float32 MeV; ``model.sample(energies, eta,
-    pdg, seed)`` draws z itself. Conditions are checked by :func:`surrogate.generate.check_conditions`
+    pdg, seed)`` draws z itself. ``eta`` may be None for a generator trained without η, ``pdg`` for one
+    trained on one particle or without codes (plain CaloChallenge files: energies alone then).
+    Conditions are checked by :func:`surrogate.generate.check_conditions`
     against the ranges in the file: an unknown particle or a non-physical value raises
     :class:`surrogate.generate.GenerateError`, conditions outside the trained range warn (or raise
     with ``extrapolation="error"``), word for word as the generate stage. A file of another
@@ -381,13 +384,26 @@ class OnnxShowerModel:
             tuple(json.loads(self.metadata["particles"])),
         )
 
-    def __call__(self, z: np.ndarray, energies: np.ndarray, eta: np.ndarray, pdg: np.ndarray) -> np.ndarray:
-        from surrogate.generate import Conditions, check_conditions
+    def __call__(
+        self, z: np.ndarray, energies: np.ndarray, eta: np.ndarray | None = None, pdg: np.ndarray | None = None
+    ) -> np.ndarray:
+        from surrogate.generate import Conditions, check_conditions, default_particle
 
         z = np.ascontiguousarray(z, dtype=np.float32)
         n = len(z)
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ExportError(f"{self.path}: z has shape {z.shape}, the model takes (N, {self.z_dim})")
+        if eta is None:
+            if self.ranges.eta_range is not None:
+                raise ExportError(f"{self.path}: the generator was trained with eta as a condition; give eta")
+            eta = np.zeros((n, 1), dtype=np.float32)  # an input of the graph that it does not use
+        if pdg is None:
+            code = default_particle(self.ranges.particles)
+            if code is None:
+                raise ExportError(
+                    f"{self.path}: the generator was trained on particles {list(self.ranges.particles)}; give pdg"
+                )
+            pdg = np.full((n, 1), code, dtype=np.int32)
         cols = {}
         for name, value, dtype in (("energies", energies, np.float32), ("eta", eta, np.float32), ("pdg", pdg, None)):
             arr = np.asarray(value).reshape(-1, 1)
@@ -403,8 +419,11 @@ class OnnxShowerModel:
         feeds = {"z": z, "incident_energy": cond.energies, "incident_eta": cond.eta, "incident_pdg": cond.pdg}
         return self.session.run(None, feeds)[0]
 
-    def sample(self, energies: np.ndarray, eta: np.ndarray, pdg: np.ndarray, seed: int = 0) -> np.ndarray:
-        """Showers for the conditions with z drawn from ``numpy.random.default_rng(seed)``."""
+    def sample(
+        self, energies: np.ndarray, eta: np.ndarray | None = None, pdg: np.ndarray | None = None, seed: int = 0
+    ) -> np.ndarray:
+        """Showers for the conditions (``eta``, ``pdg``: None as in :meth:`__call__`) with z drawn from
+        ``numpy.random.default_rng(seed)``."""
         n = len(np.asarray(energies).reshape(-1))
         z = np.random.default_rng(seed).standard_normal((n, self.z_dim)).astype(np.float32)
         return self(z, energies, eta, pdg)

@@ -47,6 +47,7 @@ __all__ = [
     "shard_bounds",
     "shard_seeds",
     "load_conditions_file",
+    "default_particle",
     "make_conditions",
     "check_conditions",
     "readout_threshold",
@@ -122,8 +123,9 @@ def load_conditions_file(path: str | Path, default_pdg: int | None = None) -> Co
     """Read a user conditions file: ``incident_energies`` (N,) or (N, 1) MeV; optional ``incident_eta`` and
     ``incident_pdg``.
 
-    A missing ``incident_pdg`` is allowed only when the generator knows one particle
-    (``default_pdg``); a missing ``incident_eta`` means eta = 0.
+    A missing ``incident_pdg`` is allowed only when the generator needs no particle code
+    (``default_pdg``: its one particle, or 0 when it was trained without codes, as ingest fills them
+    in); a missing ``incident_eta`` means eta = 0.
     """
     path = Path(path)
     try:
@@ -156,6 +158,14 @@ def load_conditions_file(path: str | Path, default_pdg: int | None = None) -> Co
     if eta is None:
         eta = np.zeros((n, 1), dtype=np.float32)
     return Conditions(energies, eta, pdg)
+
+
+def default_particle(particles: Sequence[int]) -> int | None:
+    """The particle code of events whose conditions give none: the generator's one particle, 0 for a generator
+    trained without codes (ingest writes 0 for inputs without ``incident_pdg``), None when it knows several."""
+    if len(particles) > 1:
+        return None
+    return int(particles[0]) if particles else 0
 
 
 def _rows(path: str | Path) -> int:
@@ -577,7 +587,7 @@ def _run(
         np.random.default_rng(cond_ss),
         dataset=dataset,
         conditions_file=conditions_file,
-        default_pdg=particles[0] if len(particles) == 1 else None,
+        default_pdg=default_particle(particles),
         split=split,
     )
     # the extrapolation split lies outside the trained range by design: warn there, never refuse

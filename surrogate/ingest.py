@@ -16,6 +16,13 @@ preprocessed conditions. Memory is bounded by a few chunks plus a few bytes per 
 the splits ``unseen`` and ``extrapolation`` (with a ``region`` column); every other event keeps
 the split the seed gave it. The file then records the regions (root attribute ``holdout``) and
 the stage refuses to write one whose train, val or test split holds an event inside a region.
+
+Discrete incident energies (CaloChallenge dataset 1 comes at 15): when the kept rows of every split
+hold at most ``ingest.discrete_energies.max_values`` distinct float32 energies, each carried by at
+least ``min_events`` events, the values and their counts go to the manifest
+(``conditions.discrete_energies``) and to the root attribute ``condition_info`` (JSON: which
+optional conditions the inputs carry, the particle's name for inputs without a PDG code
+(``ingest.particle_name``), the discrete energies), which validation bins by.
 """
 
 from __future__ import annotations
@@ -316,6 +323,7 @@ def run(
     except HoldoutError as exc:
         raise IngestError(str(exc)) from exc
     splits = SPLITS + split_names(regions)
+    rule = settings["discrete_energies"]
     _remove_stale(out_dir)
 
     files: list[h5py.File] = []
@@ -332,6 +340,10 @@ def run(
                 + "; ".join(f"{it.path}: {sorted(p) or 'none'}" for it, p in zip(items, present, strict=True))
             )
         optional = present[0]
+        particle_name = settings["particle_name"]
+        if particle_name is not None and "incident_pdg" in optional:
+            log.warning("ingest.particle_name %r is ignored: the inputs carry incident_pdg", particle_name)
+            particle_name = None
         mode_names = next((it.mode_names for it in items if it.mode_names), [])
         # hashing reads whole files: do it beside the stream (hashlib releases the GIL)
         hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-sha256")
@@ -413,6 +425,13 @@ def run(
                     if regions:
                         region_events = _check_regions(g, split, regions, region_events)
                 threshold = stats.threshold_mev
+                discrete = stats.discrete_energies(int(rule["max_values"]), int(rule["min_events"]))
+                info = {
+                    "eta": "incident_eta" in optional,
+                    "pdg": "incident_pdg" in optional,
+                    "particle_name": particle_name,
+                    "discrete_energies_mev": discrete["values_mev"] if discrete else [],
+                }
                 out.attrs["format_version"] = FORMAT_VERSION
                 out.attrs["seed"] = int(cfg["seed"])
                 out.attrs["geometry"] = json.dumps(geometry.to_dict())
@@ -420,6 +439,7 @@ def run(
                 out.attrs["condition_names"] = json.dumps(pre.condition_names)
                 out.attrs["mode_names"] = json.dumps(mode_names)
                 out.attrs["readout_threshold_mev"] = threshold
+                out.attrs["condition_info"] = json.dumps(info)
                 out.attrs["package_version"] = surrogate.__version__
                 if regions:  # absent without a holdout: the file is then the same as before holdouts existed
                     out.attrs["holdout"] = canonical(regions)
@@ -434,7 +454,12 @@ def run(
                 ],
                 "rows": {**counts, "total_read": total, "dropped": int(sum(stats.dropped.values()))},
                 "dropped": dict(stats.dropped),
-                "conditions": {"names": pre.condition_names, **stats.summary(optional, mode_names)},
+                "conditions": {
+                    "names": pre.condition_names,
+                    **stats.summary(optional, mode_names),
+                    "particle_name": particle_name,
+                    "discrete_energies": None if discrete is None else {**discrete, "rule": _discrete_rule(rule)},
+                },
                 "readout_threshold_mev": threshold,
                 **(
                     {"holdout": [{**r.to_dict(), "events": n} for r, n in zip(regions, region_events, strict=True)]}
@@ -548,6 +573,16 @@ class _Stats:
             eta = pick(a["incident_eta"])
             self.eta = [min(self.eta[0], float(eta.min())), max(self.eta[1], float(eta.max()))]
 
+    def discrete_energies(self, max_values: int, min_events: int) -> dict[str, list] | None:
+        """The distinct incident energies of the kept rows (float32 values, MeV, ascending) and their event
+        counts, when there are at most ``max_values`` of them, each with at least ``min_events`` events; else None."""
+        if not self.energies:
+            return None
+        values, counts = np.unique(np.concatenate(self.energies), return_counts=True)
+        if len(values) > max_values or counts.min() < min_events:
+            return None
+        return {"values_mev": values.astype(float).tolist(), "events": counts.tolist()}
+
     @property
     def threshold_mev(self) -> float:
         """Smallest voxel energy above 0 in the kept rows (the input's readout threshold, at most)."""
@@ -568,6 +603,10 @@ class _Stats:
                 (mode_names[k] if 0 <= k < len(mode_names) else str(k)): v for k, v in sorted(self.modes.items())
             },
         }
+
+
+def _discrete_rule(rule: dict[str, int]) -> str:
+    return f"at most {rule['max_values']} distinct values, each with at least {rule['min_events']} events"
 
 
 def _columns(a: dict[str, np.ndarray], rows: np.ndarray, optional: set[str], first_row: int) -> dict[str, np.ndarray]:

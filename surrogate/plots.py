@@ -179,21 +179,21 @@ def feature_histograms(
 def response_plot(out_dir: Path, response: dict[str, Any]) -> Path:
     """Mean E_dep/E_inc and relative resolution vs incident energy, per particle, real vs generated."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for pdg in sorted({v["pdg"] for v in response.values()}):
+    for k, pdg in enumerate(sorted({v["pdg"] for v in response.values()})):
         items = sorted((v for v in response.values() if v["pdg"] == pdg), key=lambda v: v["energy_gev"])
         e = np.array([v["energy_gev"] for v in items])
+        name, fmt = items[0].get("particle", f"pdg{pdg}"), ("o-", "s--", "^:")[k % 3]
         for ax, key in ((a1, "mean"), (a2, "resolution")):
             for who, colour, dx in (("real", REAL, 0.97), ("gen", GEN, 1.03)):
                 y = [v["value"][f"{who}_{key}"] for v in items]
                 dy = [v["error"][f"{who}_{key}"] for v in items]
-                ax.errorbar(
-                    e * dx, y, yerr=dy, fmt="o-" if pdg == 22 else "s--", color=colour, ms=4, label=f"{who} pdg {pdg}"
-                )
+                ax.errorbar(e * dx, y, yerr=dy, fmt=fmt, color=colour, ms=4, label=f"{who} {name}")
+    discrete = all(v.get("discrete", False) for v in response.values())
     a1.set_ylabel("mean E_dep / E_inc")
     a2.set_ylabel("resolution std/mean of E_dep / E_inc")
     for ax in (a1, a2):
         ax.set_xscale("log")
-        ax.set_xlabel("incident energy (median of bin) [GeV]")
+        ax.set_xlabel("incident energy [GeV]" if discrete else "incident energy (median of bin) [GeV]")
         ax.legend(fontsize=7)
         ax.xaxis.set_major_formatter(_PLAIN)
     # fixed margins, not tight_layout(), which lays every text out once more (a third of a small figure's time)
@@ -220,7 +220,9 @@ def mode_plot(out_dir: Path, modes: dict[str, Any], energy_labels: list[str], et
                 # a mode the real data have is drawn for both samples: a generator missing it shows a line at 0
                 if counts["real"][:, m].sum() > 0 or counts["gen"][:, m].sum() > 0:
                     ax.plot(range(len(labels)), frac[:, m], style, color=f"C{m}", ms=4, label=f"{name} ({who})")
-        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        # many bins (one per discrete energy): labels turned so that they do not overlap
+        many = len(labels) > 6
+        ax.set_xticks(range(len(labels)), labels, fontsize=7 if many else 8, rotation=60 if many else 0)
         ax.set_ylabel("fraction of events (predicted mode)")
     axes[0].set_xlabel("incident energy bin")
     axes[1].set_xlabel("|eta| bin")
@@ -231,14 +233,17 @@ def mode_plot(out_dir: Path, modes: dict[str, Any], energy_labels: list[str], et
         title="solid: real, dashed: generated",
         title_fontsize=7,
     )
-    fig.subplots_adjust(left=0.06, right=0.78, bottom=0.13, top=0.96, wspace=0.22)
+    fig.subplots_adjust(left=0.06, right=0.78, bottom=0.24 if len(energy_labels) > 6 else 0.13, top=0.96, wspace=0.22)
     return _save(fig, out_dir / "modes.png")
 
 
-def layer_plot(out_dir: Path, real: Any, gen: Any, names: list[str]) -> Path:
+def layer_plot(
+    out_dir: Path, real: Any, gen: Any, names: list[str], particle_labels: dict[int, str] | None = None
+) -> Path:
     """Mean shower per active layer: mean E_layer / E_inc per particle, real vs generated, with a ratio panel.
 
-    ``real``/``gen`` carry ``features`` (N, F) with columns ``names``, ``energy`` (N,) MeV and ``pdg`` (N,).
+    ``real``/``gen`` carry ``features`` (N, F) with columns ``names``, ``energy`` (N,) MeV and ``pdg`` (N,);
+    ``particle_labels`` names a code in the legend (default ``pdg <code>``).
     """
     cols = [n for n in names if n.startswith("E_layer_")]
     idx = [names.index(n) for n in cols]
@@ -252,8 +257,9 @@ def layer_plot(out_dir: Path, real: Any, gen: Any, names: list[str]) -> Path:
             stats.append((frac.mean(0), frac.std(0) / np.sqrt(max(sel.sum(), 1))))
         (mr, er), (mg, eg) = stats
         mark, colour = "os^v"[k % 4], f"C{k}"
-        ax.errorbar(x - 0.1, mr, yerr=er, fmt=mark, color=colour, mfc="none", ms=6, label=f"real, pdg {pdg}")
-        ax.errorbar(x + 0.1, mg, yerr=eg, fmt=mark, color=colour, ms=5, label=f"generated, pdg {pdg}")
+        name = (particle_labels or {}).get(pdg, f"pdg {pdg}")
+        ax.errorbar(x - 0.1, mr, yerr=er, fmt=mark, color=colour, mfc="none", ms=6, label=f"real, {name}")
+        ax.errorbar(x + 0.1, mg, yerr=eg, fmt=mark, color=colour, ms=5, label=f"generated, {name}")
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = mg / mr
             err = ratio * np.hypot(er / mr, eg / mg)

@@ -197,6 +197,11 @@ def test_wrapper_warns_and_refuses_like_generate(default, caplog):
         model.sample(np.array([[-1.0]]), np.array([[0.3]]), np.array([[22]]))
     with pytest.raises(ExportError, match=r"z has shape \(1, 3\)"):
         model(np.zeros((1, 3)), np.array([[1e4]]), np.array([[0.3]]), np.array([[22]]))
+    # conditions the generator needs cannot be left out (a generator without them: tests/test_calochallenge.py)
+    with pytest.raises(ExportError, match=r"trained on particles \[22, 211\]; give pdg"):
+        model.sample(np.array([[1e4]]), np.array([[0.3]]))
+    with pytest.raises(ExportError, match="trained with eta as a condition; give eta"):
+        model.sample(np.array([[1e4]]), pdg=np.array([[22]]))
 
 
 def test_other_format_version_is_refused(default, tmp_path):

@@ -471,7 +471,8 @@ def test_failed_reader_process_falls_back(dataset, independent, tmp_path: Path, 
 #: Digests of ``summary.json`` and ``floors.json`` for the recipe below, produced by the code before
 #: surrogate/validate.py became the surrogate.validation package (commit cbb4a72): a refactor must
 #: give the same bytes. Regenerate (after a change meant to alter results) with
-#: ``SURROGATE_UPDATE_GOLDEN=1 pytest tests/test_validate.py -k golden``.
+#: ``SURROGATE_UPDATE_GOLDEN=1 pytest tests/test_validate.py -k golden``. Regenerated once since, when
+#: summary.json gained its ``binning`` key (issue 18): without that key the summary had the recorded digest.
 GOLDEN = Path(__file__).resolve().parent / "data" / "validate_golden.json"
 #: SMALL with per-bin tests (every family runs), on the session fixtures: real = simulate_events(N_REAL,
 #: OVERRIDES, seed=101) split half train / half test, generated = the first 2000 of simulate_events(N_GEN,

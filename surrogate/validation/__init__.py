@@ -13,7 +13,8 @@ Steps:
    workflow runs it beside training) and the stage reads them from ``--floors``, after checking
    that they belong to the same test split, settings and seed; without them (or when they do not
    match) the stage computes them itself, with the same results.
-2. Condition bins = energy bins x |eta| bins x particle (``validate`` config). The generated
+2. Condition bins = energy bins x |eta| bins x particle (``validate`` config; one energy bin per
+   discrete incident energy when ingest found the energies discrete). The generated
    file's conditions are read whole (small); per bin, generated rows are subsampled to the
    real sample's proportions ("matched" sample). Its showers are then streamed in HDF5-chunk
    aligned blocks (in ``threads`` reader processes when > 1): every row is checked, every matched

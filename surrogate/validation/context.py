@@ -170,4 +170,14 @@ def make_context(
             MIN_EVENTS_1D,
             small[0],
         )
+    skipped = [binning.label(b) for b in range(binning.n_bins) if 0 < counts[b] < settings["min_bin_events"]]
+    if skipped:  # one bin per discrete energy splits a small test split thinly
+        log.warning(
+            "%d of %d condition bins with real events have fewer than validate.min_bin_events = %d (%s...): "
+            "no per-bin tests there (the response tests pool the |eta| bins)",
+            len(skipped),
+            int(np.sum(counts > 0)),
+            settings["min_bin_events"],
+            skipped[0],
+        )
     return Context(real, gen, train, binning, settings, seed, draws, FloorCache(floors, floors_only))

@@ -137,14 +137,22 @@ def response(ctx: Context) -> FamilyResult:
             mr, mg = (ie_r == ie) & (real.pdg == p), (ie_g == ie) & (gen.all_pdg == p)
             if mr.sum() < st["min_bin_events"] or mg.sum() < 2:
                 continue
-            label = f"pdg{p}_Ebin{ie}"
+            label = binning.response_label(p, ie)
             s = seed_of(ctx.seed, f"response/{label}")
             ma, mb = mr.copy(), mr.copy()
             ma[ctx.draws.half_b], mb[ctx.draws.half_a] = False, False
             v, e = M.response(ratio_r[mr], ratio_g[mg], n_boot=n_boot, seed=s)
             fv, _ = ctx.floors.floor(f"response/{label}", M.response, ratio_r[ma], ratio_r[mb], n_boot=2, seed=s)
             energy_gev = float(np.median(real.energy[mr]) / 1000.0)
-            resp[label] = {"pdg": p, "ebin": ie, "energy_gev": energy_gev, "value": v, "error": e}
+            resp[label] = {
+                "pdg": p,
+                "particle": binning.particle_label(p),
+                "ebin": ie,
+                "energy_gev": energy_gev,
+                "discrete": binning.energies_mev is not None,
+                "value": v,
+                "error": e,
+            }
             out.append(
                 two_sided(
                     f"response_mean/{label}",

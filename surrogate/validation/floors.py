@@ -71,15 +71,24 @@ def source_digest(modules: tuple[str, ...] = FLOOR_SOURCES) -> str:
     return h.hexdigest()
 
 
-def floor_identity(real: RealSample, train: RealSample | None, settings: dict[str, Any], seed: int) -> str:
-    """sha256 of everything the floors depend on: the real arrays, the settings, the seed, the code."""
+def floor_identity(
+    real: RealSample, train: RealSample | None, binning: Binning, settings: dict[str, Any], seed: int
+) -> str:
+    """sha256 of everything the floors depend on: the real arrays, the condition bins (which the dataset's
+    discrete energies set, not the settings alone), the settings, the seed, the code."""
     h = hashlib.sha256()
     for s in (real, train):
         if s is not None:
             for arr in (s.showers, s.energy, s.eta, s.pdg, s.mode):
                 h.update(np.ascontiguousarray(arr).tobytes())
     used = {k: v for k, v in settings.items() if k not in _RUN_ONLY_SETTINGS}
-    identity = {"seed": seed, "settings": used, "format": FLOORS_FORMAT, "version": __version__}
+    identity = {
+        "seed": seed,
+        "settings": used,
+        "binning": binning.to_dict(),
+        "format": FLOORS_FORMAT,
+        "version": __version__,
+    }
     h.update(json.dumps(identity, sort_keys=True).encode())
     # the code that computes them: floors written by an older version are recomputed, never trusted
     for path in source_files():
@@ -199,7 +208,7 @@ def compute_floors(
     s_eval = seeds(seed, 3)[2]
     floors: dict[str, Any] = {}
     fill_floors(real, train, binning, settings, s_eval, floors, threads or settings["threads"])
-    identity = floor_identity(real, train, settings, s_eval)
+    identity = floor_identity(real, train, binning, settings, s_eval)
     write_floors(Path(out), floors, identity, dataset, time.perf_counter() - t0)
     log.info("%d real-vs-real floors of %s in %.1f s -> %s", len(floors), dataset, time.perf_counter() - t0, out)
     return floors

@@ -29,6 +29,7 @@ __all__ = [
     "GeneratedStream",
     "load_real",
     "load_splits",
+    "condition_info",
     "match_rows",
     "load_generated",
 ]
@@ -132,18 +133,33 @@ def load_real(path: str | Path, group: str = "test", max_rows: int | None = None
     )
 
 
+def condition_info(path: str | Path) -> dict[str, Any]:
+    """The ingest file's ``condition_info`` attribute (conditions carried, particle name, discrete energies),
+    {} for a file written without it."""
+    with _open(Path(path)) as f:
+        raw = f.attrs.get("condition_info")
+    try:
+        return {} if raw is None else dict(json.loads(raw))
+    except (TypeError, ValueError) as exc:
+        raise ValidateError(f"{path}: bad root attribute 'condition_info' ({exc})") from exc
+
+
 def load_splits(
     dataset: str | Path, settings: dict[str, Any], split: str = "test"
 ) -> tuple[RealSample, RealSample | None, Binning]:
     """The reference split (``test``, or a held-out one: ``unseen``, ``extrapolation``), the train
-    events of the mode classifier (None without truth modes), the condition bins."""
+    events of the mode classifier (None without truth modes), the condition bins (by the discrete
+    energies ingest found, if any: :meth:`Binning.from_settings`)."""
     real = load_real(dataset, split)
     log.info("real %s split: %d events, %d features", split, len(real.energy), len(real.names))
     train = None
     if np.all(real.mode >= 0):
         train = load_real(dataset, "train", max_rows=settings["subsample"]["mode_classifier_events"])
     particles = tuple(int(p) for p in np.unique(real.pdg))
-    return real, train, Binning.from_settings(settings, particles)
+    binning = Binning.from_settings(settings, particles, condition_info(dataset))
+    if binning.energies_mev is not None:
+        log.info("incident energies discrete: one energy bin each (%d)", len(binning.energies_mev))
+    return real, train, binning
 
 
 def match_rows(

@@ -66,7 +66,7 @@ def _real_side(
     floors = state.setdefault("floors", {})
     source = "reused" if floors else "computed here"
     if not floors and floors_path is not None:
-        loaded = read_floors(Path(floors_path), floor_identity(real, train, settings, seed))
+        loaded = read_floors(Path(floors_path), floor_identity(real, train, binning, settings, seed))
         if loaded is not None:
             floors.update(loaded)
             source = str(floors_path)
@@ -86,7 +86,13 @@ def _plot_hook(plotter: processes.Plotter | None, plots: Path, binning: Binning)
 
 
 def _summary(
-    tests: list[Test], info: dict[str, Any], gen: GeneratedSample, n_real: int, floors_source: str, alpha: float
+    tests: list[Test],
+    info: dict[str, Any],
+    gen: GeneratedSample,
+    n_real: int,
+    floors_source: str,
+    alpha: float,
+    binning: Binning,
 ) -> dict[str, Any]:
     """The contents of ``summary.json`` (``seconds.total`` is filled in by the caller)."""
     apply_holm(tests, alpha)
@@ -105,6 +111,7 @@ def _summary(
         "reader_processes": gen.reader_processes,
         "floors": floors_source,
         "subsample": info["subsample"],
+        "binning": binning.to_dict(),
         "bins_used": info["bins_used"],
         "mode_method": info["modes"]["method"],
         "seconds": {
@@ -373,7 +380,7 @@ def _validate(
             plotter.submit(
                 "feature_histograms", plot_dir, real.features, gen.features, real.names, settings["hist_bins"]
             )
-            plotter.submit("layer_plot", plot_dir, _plain(real), _plain(gen), real.names)
+            plotter.submit("layer_plot", plot_dir, _plain(real), _plain(gen), real.names, binning.names)
         # the plotting process keeps a core busy meanwhile: one test thread waits for it to finish
         tests, info = evaluate(
             real,
@@ -392,7 +399,7 @@ def _validate(
         t0 = time.perf_counter()
         plot_paths = sorted(plotter.paths(), key=processes.plot_rank)
         info["seconds"]["plots (waited)"] = time.perf_counter() - t0
-    return _summary(tests, info, gen, n_real, floors_source, settings["alpha"]), plot_paths
+    return _summary(tests, info, gen, n_real, floors_source, settings["alpha"], binning), plot_paths
 
 
 def _floors_main(argv: list[str]) -> int:
