@@ -48,27 +48,30 @@ TINY_LATER = {
 }
 
 
-def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def snakemake_argv(*args: str, runner: tuple[str, ...] = ("--cores", "2"), targets: tuple[str, ...] = ()) -> list[str]:
+    """`snakemake TARGETS RUNNER --configfile tiny.yaml ARGS` (ARGS may add config files)."""
+    return [sys.executable, "-m", "snakemake", *targets, *runner, "--configfile", "tiny.yaml", *args]
+
+
+def snakemake_env() -> dict[str, str]:
+    """The environment with this interpreter's scripts first on PATH (the rules call `python`)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 900, **how: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """snakemake_argv(*args, **how) run in workdir."""
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "tiny.yaml", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+        snakemake_argv(*args, **how), cwd=workdir, capture_output=True, text=True, env=snakemake_env(), timeout=timeout
     )
 
 
 def _targets(workdir: Path) -> list[str]:
-    out = _snakemake(workdir, "--list-target-rules")
+    out = snakemake(workdir, "--list-target-rules")
     return out.stdout.split()
 
 
-@pytest.fixture(scope="module")
-def workflow_dir(tmp_path_factory) -> Path:
-    """A copy of the workflow with the tiny overlay, run once end to end."""
-    work = tmp_path_factory.mktemp("workflow")
+def tiny_workflow(work: Path, log_model: bool = True) -> Path:
+    """A copy of the workflow in work with the tiny overlay tiny.yaml (MLflow store work/mlflow.db)."""
     shutil.copy(ROOT / "Snakefile", work / "Snakefile")
     shutil.copy(ROOT / "config.yaml", work / "config.yaml")
     shutil.copytree(ROOT / "workflow", work / "workflow")
@@ -78,9 +81,16 @@ def workflow_dir(tmp_path_factory) -> Path:
         if f"rules/{stage}.smk" in rules:
             tiny[stage] = settings
     if "report" in tiny:
-        tiny["report"]["tracking_uri"] = f"sqlite:///{work / 'mlflow.db'}"
+        tiny["report"] = {**tiny["report"], "tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "log_model": log_model}
     (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    out = _snakemake(work)
+    return work
+
+
+@pytest.fixture(scope="module")
+def workflow_dir(tmp_path_factory) -> Path:
+    """A copy of the workflow with the tiny overlay, run once end to end."""
+    work = tiny_workflow(tmp_path_factory.mktemp("workflow"))
+    out = snakemake(work)
     assert out.returncode == 0, out.stderr[-5000:]
     return work
 
@@ -106,22 +116,14 @@ def test_dag_produces_every_output(workflow_dir):
 
 
 def test_second_run_has_nothing_to_do(workflow_dir):
-    out = _snakemake(workflow_dir, "-n")
+    out = snakemake(workflow_dir, "-n")
     assert out.returncode == 0, out.stderr
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
 def test_snakemake_report_builds(workflow_dir, tmp_path):
     """`snakemake --report report.html` (README) works without --cores and embeds the validation plots."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--configfile", "tiny.yaml", "--report", str(tmp_path / "report.html")],
-        cwd=workflow_dir,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    out = snakemake(workflow_dir, "--report", str(tmp_path / "report.html"), runner=())
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "response.png" in (tmp_path / "report.html").read_text(errors="replace")
 
@@ -132,7 +134,7 @@ def test_changed_key_reruns_only_downstream(workflow_dir):
     tiny["ingest"]["split"] = {"train": 0.7, "val": 0.1, "test": 0.2}
     (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     try:
-        out = _snakemake(workflow_dir, "-n", "--quiet", "rules")
+        out = snakemake(workflow_dir, "-n", "--quiet", "rules")
         text = out.stdout + out.stderr
         assert out.returncode == 0, text
         assert "ingest" in text
@@ -149,7 +151,7 @@ def test_changed_training_key_reruns_train_and_downstream(workflow_dir):
     tiny = yaml.safe_load((workflow_dir / "tiny.yaml").read_text())
     tiny["train"]["generator"]["width"] = 48
     (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    out = _snakemake(workflow_dir)
+    out = snakemake(workflow_dir)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-5000:]
     ran = {line.split()[-1] for line in text.splitlines() if line.strip().startswith(("localrule", "rule "))}
@@ -162,7 +164,7 @@ def test_changed_training_key_reruns_train_and_downstream(workflow_dir):
     ckpt = torch.load(workflow_dir / "results/train/generator.pt", weights_only=True)
     assert ckpt["model_config"]["g_width"] == 48
     assert "starting at step 0" in (workflow_dir / "results/logs/train.log").read_text()
-    assert "Nothing to be done" in (lambda o: o.stdout + o.stderr)(_snakemake(workflow_dir, "-n"))
+    assert "Nothing to be done" in (lambda o: o.stdout + o.stderr)(snakemake(workflow_dir, "-n"))
 
 
 @pytest.mark.slow
@@ -178,7 +180,7 @@ def test_interpolation_overlay_runs_end_to_end(workflow_dir, tmp_path):
     # the logged model is tested by the default run: not again here (it is a third of the report's time)
     overlay["report"] = {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "log_model": False}
     (work / "interp.yaml").write_text(yaml.safe_dump(overlay))
-    out = _snakemake(work, "interp.yaml")  # a second --configfile, laid over tiny.yaml
+    out = snakemake(work, "interp.yaml")  # a second --configfile, laid over tiny.yaml
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-5000:]
     assert "rule simulate" not in text
