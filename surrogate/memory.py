@@ -1,7 +1,7 @@
 """The memory budget of a stage (config ``memory_gb``): hold a split whole, or stream it.
 
 Each stage estimates what holding its data whole would take (a stage's own factor: train keeps the
-raw showers, their network-space copy and the fits' temporaries, so four times the train split)
+raw showers, their network-space copy and the fits' temporaries, so seven times the train split)
 and compares it with the budget. Within it, nothing changes: the default 533-voxel run holds its
 60k showers in RAM, as it always did. Above it, the stage streams:
 
@@ -58,9 +58,10 @@ def rows_within(row_bytes: int, share: float, cfg: dict[str, Any], at_least: int
 
 
 def train_bytes(n_train: int, n_val: int, n_voxels: int) -> int:
-    """What the train stage holds with its splits whole: the train showers, their network-space copy and
-    two more copies while the template and the critic's inputs are fitted (4 x), and the val showers."""
-    return (4 * int(n_train) + int(n_val)) * int(n_voxels) * 4
+    """What the train stage holds at its peak with its splits whole: the train showers and their
+    network-space copy, and while the critic's inputs are fitted their shares E/E_inc, another network-space
+    copy and the transform's temporaries (7 x the train showers), and the val showers."""
+    return (7 * int(n_train) + int(n_val)) * int(n_voxels) * 4
 
 
 def validate_bytes(n_real: int, n_mode_train: int, n_voxels: int) -> int:
