@@ -23,5 +23,5 @@ include: "workflow/rules/report.smk"
 rule all:
     """The whole pipeline: simulate -> ingest -> train -> generate -> validate -> report, and the ONNX export."""
     input:
-        "results/report/mlflow_run.json",
-        "results/export/generator.onnx",
+        res("report/mlflow_run.json"),
+        res("export/generator.onnx"),

@@ -15,7 +15,11 @@ Measured in one run, on the default config's generator architecture with random 
 * ``simulator_eps`` for the same condition mix (one process), ``speedup``, and speedups at fixed
   100 GeV photons and pions.
 
-Run: ``python benchmarks/bench_generate.py [--events N]`` (default 1,000,000).
+Run: ``python benchmarks/bench_generate.py [--events N] [--overlay config/calochallenge-ds2.yaml]``
+(default 1,000,000 events). ``--overlay`` (repeatable) lays config files over config.yaml: with the
+CaloChallenge dataset-2 preset the generator is that preset's (per_layer, 6,480 voxels), its reference
+sample the simulator's electrons in that binning, and the fixed-energy comparison at 100 GeV is made for
+the preset's particles; the JSON names the overlays and the voxel count.
 """
 
 from __future__ import annotations
@@ -122,13 +126,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--sim-events", type=int, default=1000)
+    parser.add_argument(
+        "--overlay", action="append", default=[], metavar="PATH", help="config file laid over config.yaml (repeatable)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    from surrogate.geometry import from_config
     from surrogate.models import load_generator
     from surrogate.preprocess import Preprocessor
 
-    cfg = load_config(ROOT / "config.yaml")
+    configs = [ROOT / "config.yaml", *args.overlay]
+    cfg = load_config(configs)
     sim = cfg["simulate"]
     # the stage's condition mix = the simulator's (the test split is drawn from it)
     mix = [
@@ -137,8 +146,12 @@ def main() -> None:
         f"generate.conditions.range.eta=[{sim['eta']['min']}, {sim['eta']['max']}]",
         f"generate.conditions.range.particles={[p['pdg'] for p in sim['particles']]}",
     ]
-    cfg = load_config(ROOT / "config.yaml", mix)
-    result: dict = {"torch_threads": torch.get_num_threads()}
+    cfg = load_config(configs, mix)
+    result: dict = {
+        "torch_threads": torch.get_num_threads(),
+        "overlays": [str(o) for o in args.overlay],
+        "n_voxels": from_config(cfg).n_voxels,
+    }
 
     with tempfile.TemporaryDirectory(prefix="bench_generate.") as tmp:
         tmp = Path(tmp)
@@ -163,7 +176,7 @@ def main() -> None:
 
         cond = generate.Conditions(ref["incident_energies"], ref["incident_eta"], ref["incident_pdg"])
         result["bf16_check"] = bf16_check(G, pre, cond)
-        trained = ROOT / "results" / "train" / "generator.pt"
+        trained = ROOT / cfg["results_dir"] / "train" / "generator.pt"
         if trained.exists():  # the check that matters: a trained generator at the test split's conditions
             Gt, meta_t = load_generator(trained, torch.device("cpu"))
             pre_t = Preprocessor.from_dict(meta_t["preprocessing"])
@@ -198,18 +211,21 @@ def main() -> None:
         result["ratio"] = result["stage_eps"] / result["bound"]
         result["speedup"] = result["stage_eps"] / result["simulator_eps"]
 
-        # fixed 100 GeV photons and pions
-        for name, pdg in (("photon", 22), ("pion", 211)):
+        # fixed 100 GeV photons and pions (or the preset's particles)
+        names = {11: "electron", 22: "photon", 211: "pion"}
+        for name, pdg in ((names[p["pdg"]], p["pdg"]) for p in sim["particles"]):
             n_sim = max(50, args.sim_events // 5)
             t0 = time.perf_counter()
-            simulate_events(n_sim, cfg, np.random.SeedSequence(2), particle=pdg, energy_mev=1e5, eta=0.2)
+            simulate_events(
+                n_sim, cfg, np.random.SeedSequence(2), particle=pdg, energy_mev=1e5, eta=min(0.2, sim["eta"]["max"])
+            )
             sim_eps = n_sim / (time.perf_counter() - t0)
             fixed = load_config(
-                ROOT / "config.yaml",
+                configs,
                 [
                     "generate.conditions.source=grid",
                     "generate.conditions.grid.energies_gev=[100]",
-                    "generate.conditions.grid.eta=[0.2]",
+                    f"generate.conditions.grid.eta=[{min(0.2, sim['eta']['max'])}]",
                     f"generate.conditions.grid.particles=[{pdg}]",
                 ],
             )
@@ -236,10 +252,11 @@ def random_checkpoint(cfg: dict, ref: dict, path: Path) -> Path:
     from surrogate.preprocess import Preprocessor
     from surrogate.train import model_parts
 
+    no_eta = cfg["ingest"]["datasets"]["incident_eta"] is None  # energy the only condition (a plain file)
     pre = Preprocessor.fit(
         ref["showers"],
         ref["incident_energies"],
-        ref["incident_eta"],
+        None if no_eta else ref["incident_eta"],
         ref["incident_pdg"],
         cfg["preprocess"],
         cfg["ingest"]["particles"],

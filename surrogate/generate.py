@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import surrogate
+from surrogate import memory
 from surrogate.config import parse_stage_args, stage_parser
 from surrogate.device import resolve_device, resolve_precision
 from surrogate.holdout import canonical, check_same, from_canonical
@@ -408,10 +409,26 @@ def output_filter(settings: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+#: Largest HDF5 chunk the stage writes (as the simulator): 1024 rows of 533 voxels are 2.2 MB, of 40,500 166 MB.
+MAX_CHUNK_BYTES = 16 << 20
+
+
+def _chunk_rows(chunk_events: int, row_bytes: int, batch_size: int | None = None) -> int:
+    """Rows per HDF5 chunk: ``generate.output.chunk_events``, at most :data:`MAX_CHUNK_BYTES` and one batch."""
+    rows = min(int(chunk_events), MAX_CHUNK_BYTES // max(int(row_bytes), 1))
+    return max(1, rows if batch_size is None else min(rows, int(batch_size)))
+
+
 def _create(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any, chunk_rows: int, **kw: Any) -> h5py.Dataset:
-    chunks = (max(1, min(chunk_rows, shape[0])),) + shape[1:]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    chunks = (max(1, min(_chunk_rows(chunk_rows, row_bytes), shape[0])),) + shape[1:]
     # track_times=False: no modification time in object headers, so same inputs give same bytes
     return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, track_times=False, **kw)
+
+
+#: Share of ``memory_gb`` the batches in flight may take (``queue_batches`` of them and about 8 copies
+#: made by the forward pass and the inverse preprocessing).
+BATCH_SHARE = 1 / 4
 
 
 class _Writer(threading.Thread):
@@ -568,6 +585,18 @@ def _run(
     G, meta = load_generator(generator_path, device)
     pre = Preprocessor.from_dict(meta["preprocessing"])
     geometry = Geometry.from_dict(meta["geometry"])
+    # the batches in the writer's queue and the forward pass's copies of one stay within a share of memory_gb
+    fitting = memory.rows_within(4 * geometry.n_voxels * (int(gcfg["queue_batches"]) + 8), BATCH_SHARE, cfg)
+    if fitting < batch_size:
+        why = f"memory_gb {cfg.get('memory_gb')}"
+        log.info("batch of %d events instead of generate.batch_size %d (%s)", fitting, batch_size, why)
+        batch_size = fitting
+    # whole HDF5 chunks per write: a compressed chunk written in parts is read back, decompressed and
+    # compressed again for each part (at 6,480 voxels, batches of 32 rows into chunks of 647 ran at 63 events/s)
+    chunk = _chunk_rows(gcfg["output"]["chunk_events"], 4 * geometry.n_voxels, batch_size)
+    if batch_size % chunk:
+        batch_size = batch_size // chunk * chunk
+        log.info("batch of %d events: whole HDF5 chunks of %d rows per write", batch_size, chunk)
     particles = list(getattr(pre, "particles", None) or [])
     uses_dataset = conditions_file is None and (split is not None or gcfg["conditions"]["source"] == "test")
     holdout = _check_holdout(generator_path, meta, dataset, uses_dataset)
@@ -640,7 +669,8 @@ def _run(
         ProgressBar(total=len(cond), unit="ev", unit_scale=True, desc=f"shard {shard}", disable=not progress) as bar,
         atomic_path(out) as tmp,
     ):
-        _write_shard(tmp, attrs, cond, geometry.n_voxels, batches, gcfg["output"], int(gcfg["queue_batches"]), bar)
+        out_settings = {**gcfg["output"], "chunk_events": chunk}
+        _write_shard(tmp, attrs, cond, geometry.n_voxels, batches, out_settings, int(gcfg["queue_batches"]), bar)
     seconds = time.perf_counter() - t0
     summary = {
         "out": str(out),

@@ -43,6 +43,7 @@ import h5py
 import numpy as np
 
 import surrogate
+from surrogate import memory
 from surrogate.config import dump_config, parse_stage_args, stage_parser
 from surrogate.geometry import Geometry, from_config
 from surrogate.holdout import HoldoutError, Region, canonical, region_index, regions_from_config, split_names
@@ -311,7 +312,8 @@ def run(
     particles = set(int(p) for p in settings["particles"])
     tol = float(settings["negative_tolerance_mev"])
     drop = settings["on_bad_rows"] == "drop"
-    chunk_events = int(settings["chunk_events"])
+    # rows read per step, capped so that the reader's few chunks in flight stay a small share of memory_gb
+    chunk_events = min(int(settings["chunk_events"]), memory.rows_within(4 * geometry.n_voxels, READ_SHARE, cfg))
     fractions = np.array([settings["split"][s] for s in SPLITS], dtype=np.float64)
     if not inputs:
         raise IngestError("no input files given (ingest.inputs is empty and no --input)")
@@ -353,6 +355,8 @@ def run(
         for item, lab in zip(items, labels, strict=True):
             _hold_out(item, lab, regions, splits)
         capacity = {s: int(sum((lab == i).sum() for lab in labels)) for i, s in enumerate(splits)}
+        storage = _storage(cfg, capacity, geometry.n_voxels)
+        file_kwargs = storage.pop("file_kwargs")
 
         pre = Preprocessor.from_settings(cfg["preprocess"])
         stats = _Stats()
@@ -361,11 +365,9 @@ def run(
         bar = ProgressBar(total=total, unit="ev", desc="ingest", **({} if progress else {"disable": True}))
         dataset_path = out_dir / "dataset.h5"
         with atomic_path(dataset_path) as tmp:
-            with h5py.File(tmp, "w", track_order=True) as out:
+            with h5py.File(tmp, "w", track_order=True, **file_kwargs) as out:
                 writers = {
-                    s: _SplitWriter(
-                        out.create_group(s, track_order=True), capacity[s], geometry.n_voxels, settings["compression"]
-                    )
+                    s: _SplitWriter(out.create_group(s, track_order=True), capacity[s], geometry.n_voxels, **storage)
                     for s in splits
                 }
                 row_base = 0
@@ -469,6 +471,7 @@ def run(
                 "timings_s": {"open": t1 - t0, "read_check_write": t2 - t1, "conditions": t3 - t2},
             }
             manifest["timings_s"]["total"] = time.perf_counter() - t0
+            manifest["showers_storage"] = {**storage, "read_chunk_events": chunk_events}
             dump_config(cfg, out_dir / "config.yaml")
             write_json(out_dir / "manifest.json", manifest)  # last: its presence marks a complete output
     finally:
@@ -488,6 +491,26 @@ def run(
         t3 - t0,
     )
     return manifest
+
+
+#: Share of ``memory_gb`` one read step's rows may take (the reader thread keeps two more in its queue,
+#: and the checks and the split's copy as many again).
+READ_SHARE = 1 / 64
+
+
+def _storage(cfg: dict[str, Any], capacity: dict[str, int], n_voxels: int) -> dict[str, Any]:
+    """How ``dataset.h5`` stores showers: as configured while the train stage can hold its splits whole
+    (``memory_gb``); else lzf-compressed (unless a filter is configured) in chunks of
+    :data:`surrogate.memory.CHUNK_BYTES`, the unit the streaming train and validate stages read, through
+    a chunk cache that holds the chunks being filled (a compressed chunk written in parts would
+    otherwise be re-read and re-compressed). Returns the writer's arguments and ``file_kwargs``."""
+    compression = cfg["ingest"]["compression"]
+    need = memory.train_bytes(capacity.get("train", 0), capacity.get("val", 0), n_voxels)
+    if memory.fits(need, cfg, "train and val splits"):
+        return {"compression": compression, "chunk_rows": _SplitWriter.CHUNK_ROWS, "file_kwargs": {}}
+    rows = max(1, memory.CHUNK_BYTES // (4 * n_voxels))
+    cache = {"rdcc_nbytes": 8 * rows * 4 * n_voxels, "rdcc_nslots": 1021}
+    return {"compression": "lzf" if compression == "none" else compression, "chunk_rows": rows, "file_kwargs": cache}
 
 
 def _hold_out(item: _Input, labels: np.ndarray, regions: tuple[Region, ...], splits: tuple[str, ...]) -> None:
@@ -635,7 +658,9 @@ class _SplitWriter:
     # a reader taking a slice does not decompress much it does not need
     CHUNK_ROWS = 2048
 
-    def __init__(self, group: h5py.Group, capacity: int, n_voxels: int, compression: str) -> None:
+    def __init__(
+        self, group: h5py.Group, capacity: int, n_voxels: int, compression: str, chunk_rows: int = CHUNK_ROWS
+    ) -> None:
         filters = {} if compression == "none" else {"compression": compression}
         spec = {
             "showers": ((n_voxels,), np.float32, filters),
@@ -646,13 +671,14 @@ class _SplitWriter:
             "source_row": ((), np.int64, {}),
         }
         rows = max(1, min(self.CHUNK_ROWS, capacity))
+        shower_rows = max(1, min(chunk_rows, capacity))  # rows of a showers chunk (fewer when ingest streams)
         self.datasets = {
             name: group.create_dataset(
                 name,
                 shape=(capacity, *tail),
                 maxshape=(None, *tail),
                 dtype=dtype,
-                chunks=(rows, *tail),
+                chunks=(shower_rows if name == "showers" else rows, *tail),
                 track_times=False,
                 **kw,
             )

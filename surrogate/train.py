@@ -91,7 +91,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from surrogate import memory
 from surrogate.config import dump_config, parse_stage_args, stage_parser
+from surrogate.data import ShuffledChunks, read_chunks, read_rows
 from surrogate.device import resolve_device, resolve_precision
 from surrogate.holdout import HoldoutError, canonical, check_same, region_index, regions_from_config
 from surrogate.io import ProgressBar, atomic_path, write_json
@@ -169,9 +171,21 @@ class LoopSettings:
     precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights)
 
 
-def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> ModelConfig:
-    """ModelConfig from the config's ``train`` section and the data's sizes."""
+def model_config_from(
+    train: dict[str, Any], n_voxels: int, cond_dim: int, layer_shapes: Sequence[tuple[int, int]] = ()
+) -> ModelConfig:
+    """ModelConfig from the config's ``train`` section and the data's sizes (``layer_shapes``: (n_alpha,
+    n_r) of every active layer, what a ``per_layer`` structure needs)."""
     g, d = train["generator"], train["critic"]
+    structured = {}
+    if "per_layer" in (g.get("structure", "dense"), d.get("structure", "dense")):
+        structured = {
+            "g_structure": g.get("structure", "dense"),
+            "d_structure": d.get("structure", "dense"),
+            "g_layer_width": int(g.get("layer_width", 64)),
+            "d_layer_width": int(d.get("layer_width", 64)),
+            "layer_shapes": tuple(layer_shapes),
+        }
     return ModelConfig(
         n_voxels=n_voxels,
         cond_dim=cond_dim,
@@ -192,6 +206,7 @@ def model_config_from(train: dict[str, Any], n_voxels: int, cond_dim: int) -> Mo
         template_knots=int(g["template_knots"]),
         critic_physics_knots=int(d["physics_knots"]),
         critic_pack=int(d["pack"]),
+        **structured,
     )
 
 
@@ -313,6 +328,20 @@ def _batch(state: TrainState, x: torch.Tensor, c: torch.Tensor, n: int) -> tuple
     return x[idx], c[idx]
 
 
+def _real(
+    state: TrainState, x: torch.Tensor | ShuffledChunks, c: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of real showers and their conditions: drawn from ``x`` in RAM, or the next rows of the reader."""
+    return x.take(n) if isinstance(x, ShuffledChunks) else _batch(state, x, c, n)
+
+
+def _conditions(state: TrainState, x: torch.Tensor | ShuffledChunks, c: torch.Tensor, n: int) -> torch.Tensor:
+    """Conditions of a generator batch (the same draw as a real batch's; only its conditions are used)."""
+    if isinstance(x, ShuffledChunks):
+        return c[torch.randint(len(c), (n,), generator=state.rng).to(c.device)]
+    return _batch(state, x, c, n)[1]
+
+
 def _latent(state: TrainState, n: int) -> torch.Tensor:
     return torch.randn((n, state.model_config.z_dim), generator=state.rng).to(state.device)
 
@@ -332,7 +361,7 @@ def ema_beta(decay: float, rampup: float, step: int) -> float:
 
 def train_steps(
     state: TrainState,
-    data_x: torch.Tensor,
+    data_x: torch.Tensor | ShuffledChunks,
     data_c: torch.Tensor,
     steps: int,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -341,14 +370,18 @@ def train_steps(
     """Run ``steps`` generator steps (each after ``n_critic`` critic steps); returns the last step's scalars.
 
     data_x: (N, V) float32 network-space showers, data_c: (N, C) conditions, both on
-    ``state.device``. Stops early, before a step, once ``time.perf_counter()`` passes
-    ``deadline`` (``state.step`` tells how far it got; single process only, ranks must agree).
-    Raises :class:`NonFiniteError` naming the step when a loss is not finite; the optimiser
+    ``state.device``; or data_x a :class:`~surrogate.data.ShuffledChunks` reader of the showers (the
+    critic's batches are its next rows; it is first moved to where this step count left it, so a resume
+    continues its stream) with data_c the conditions of all its rows. Stops early, before a step, once
+    ``time.perf_counter()`` passes ``deadline`` (``state.step`` tells how far it got; single process
+    only, ranks must agree). Raises :class:`NonFiniteError` naming the step when a loss is not finite; the optimiser
     step of that update is not taken.
     """
     s, G, D = state.settings, state.G, state.D
     ac = _autocast(s, state.device)
     metrics: dict[str, float] = {}
+    if isinstance(data_x, ShuffledChunks):
+        data_x.seek(state.step * s.n_critic * s.batch_size)
     for _ in range(steps):
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -356,7 +389,7 @@ def train_steps(
         loss_d = wdist = gp = torch.zeros(())
         gnorm_d = 0.0
         for i in range(s.n_critic):
-            real, c = _batch(state, data_x, data_c, s.batch_size)
+            real, c = _real(state, data_x, data_c, s.batch_size)
             z = _latent(state, s.batch_size)
             with ac:
                 with torch.no_grad():
@@ -391,7 +424,7 @@ def train_steps(
                 gnorm_d = _grad_norm(D)
             state.opt_d.step()
             wdist = wasserstein_estimate(d_real.detach(), d_fake.detach())
-        _, c = _batch(state, data_x, data_c, s.batch_size)
+        c = _conditions(state, data_x, data_c, s.batch_size)
         z = _latent(state, s.batch_size)
         D.requires_grad_(False)  # no critic gradients in the generator step
         with ac:
@@ -500,7 +533,8 @@ def model_parts(
     (the data's readout threshold in MeV, see :func:`critic_physics`, and the particle codes (N,),
     needed by a template when the data hold several particles); the last two are None when the
     config does not use them (arguments of :class:`TrainState`)."""
-    mcfg = model_config_from(train, n_voxels=geometry.n_voxels, cond_dim=len(pre.condition_names))
+    shapes = [(layer.n_alpha, layer.n_r) for layer in geometry.active_layers]
+    mcfg = model_config_from(train, n_voxels=geometry.n_voxels, cond_dim=len(pre.condition_names), layer_shapes=shapes)
     head = head_info(pre, geometry, mcfg.symmetry) if mcfg.output != "linear" else None
     if head is not None and mcfg.template_knots:
         head["template"] = response_template(pre, geometry, showers, energies, pdg, mcfg.template_knots)
@@ -647,8 +681,10 @@ def critic_physics(
     lo, hi = info["log_e_range"]
     c0 = torch.from_numpy((2.0 * (np.log(e) - lo) / max(hi - lo, 1e-12) - 1.0).astype(np.float32))
     x = torch.from_numpy(pre.transform_showers(showers, energies))
+    # 8192 rows a batch, fewer for wide showers (each of raw's temporaries (rows, V) within 64 MB)
+    step = min(8192, max(1, (1 << 24) // geometry.n_voxels))
     with torch.no_grad():
-        raw = torch.cat([probe.raw(x[i : i + 8192], c0[i : i + 8192]) for i in range(0, len(x), 8192)]).double()
+        raw = torch.cat([probe.raw(x[i : i + step], c0[i : i + step]) for i in range(0, len(x), step)]).double()
     std = raw.std(dim=0).numpy() if len(raw) > 1 else np.ones(n_out)
     info["shape_mean"] = raw.mean(dim=0).numpy() if len(raw) else np.zeros(n_out)
     info["shape_std"] = np.where(std > 1e-6, std, 1.0)  # constant features (e.g. y of a one-bin layer) stay 0
@@ -658,10 +694,17 @@ def critic_physics(
 # --------------------------------------------------------------------------- data
 
 
-def load_split(path: str | Path, split: str) -> dict[str, np.ndarray]:
-    """Read one split of ``dataset.h5`` into RAM: showers (N, V) MeV, incident_energies (N, 1), ..."""
+def load_split(
+    path: str | Path, split: str, rows: np.ndarray | None = None, showers: bool = True
+) -> dict[str, np.ndarray]:
+    """Read one split of ``dataset.h5`` into RAM: showers (N, V) MeV, incident_energies (N, 1), ...
+
+    ``rows`` (sorted, unique): only those rows, the showers read a chunk at a time
+    (:func:`surrogate.data.read_rows`); ``showers=False``: every column but the showers.
+    """
     path = Path(path)
     keys = ("showers", "incident_energies", "incident_eta", "incident_pdg", "conditions")
+    keys = keys if showers else keys[1:]
     try:
         with h5py.File(path, "r") as f:
             if split not in f:
@@ -669,19 +712,30 @@ def load_split(path: str | Path, split: str) -> dict[str, np.ndarray]:
             missing = [k for k in keys if k not in f[split]]
             if missing:
                 raise TrainError(f"{path}: group '{split}' lacks dataset(s) {', '.join(missing)}")
-            out = {k: f[split][k][()] for k in keys}
+            if rows is None:
+                out = {k: f[split][k][()] for k in keys}
+            else:
+                out = {k: read_rows(f[split][k], rows) for k in keys}
     except OSError as exc:
         raise TrainError(f"{path}: cannot open as HDF5 ({exc})") from exc
-    n = len(out["showers"])
+    ref = keys[0]
+    n = len(out[ref])
     for k, v in out.items():
         if len(v) != n:
-            raise TrainError(f"{path}: {split}/{k} has {len(v)} rows but {split}/showers has {n}")
+            raise TrainError(f"{path}: {split}/{k} has {len(v)} rows but {split}/{ref} has {n}")
         bad = ~np.isfinite(v.reshape(n, -1)).all(axis=1) if v.dtype.kind == "f" else np.zeros(n, bool)
         if bad.any():
             raise TrainError(
                 f"{path}: {split}/{k} has non-finite values in {int(bad.sum())} row(s), first row {int(np.argmax(bad))}"
             )
     return out
+
+
+def eval_rows(n_val: int, eval_events: int, seed: int) -> np.ndarray:
+    """The validation rows of the physics score (sorted): ``eval_events`` of ``n_val``, drawn once by seed."""
+    n_eval = min(int(eval_events), n_val)
+    rng = np.random.default_rng(int(seed))
+    return np.sort(rng.choice(n_val, n_eval, replace=False)) if n_eval else np.zeros(0, int)
 
 
 def _check_holdout(cfg: dict[str, Any], dataset: Path, attrs: dict[str, Any], tr: dict[str, np.ndarray]) -> None:
@@ -860,32 +914,101 @@ def _run(
     attrs = _dataset_attrs(dataset)
     pre = Preprocessor.from_dict(attrs["preprocessing"])
     geometry = Geometry.from_dict(attrs["geometry"])
-    tr = load_split(dataset, "train")
-    va = load_split(dataset, "val") if rank == 0 else {}
-    if len(tr["showers"]) == 0:
-        raise TrainError(f"{dataset}: the train split is empty")
-    _check_holdout(cfg, dataset, attrs, tr)
-    x = torch.from_numpy(pre.transform_showers(tr["showers"], tr["incident_energies"])).to(device)
+    sizes = _split_sizes(dataset)
+    whole = memory.fits(memory.train_bytes(sizes["train"], sizes["val"], geometry.n_voxels), cfg, "train split")
+    seed = int(cfg["seed"])
+    reader = None
+    if whole:
+        tr = load_split(dataset, "train")
+        va = load_split(dataset, "val") if rank == 0 else {}
+        if len(tr["showers"]) == 0:
+            raise TrainError(f"{dataset}: the train split is empty")
+        _check_holdout(cfg, dataset, attrs, tr)
+        x = torch.from_numpy(pre.transform_showers(tr["showers"], tr["incident_energies"])).to(device)
+        fit = tr
+        idx = eval_rows(len(va["showers"]), tcfg["eval_events"], seed) if rank == 0 else np.zeros(0, int)
+        ev = {k: v[idx] for k, v in va.items()}
+    else:
+        tr = load_split(dataset, "train", showers=False)
+        if len(tr["conditions"]) == 0:
+            raise TrainError(f"{dataset}: the train split is empty")
+        _check_holdout(cfg, dataset, attrs, tr)
+        fit = _fit_sample(dataset, cfg, geometry.n_voxels)
+        row_bytes = 4 * geometry.n_voxels
+        window = memory.rows_within(row_bytes, WINDOW_SHARE, cfg) // max(_chunk_rows(dataset, "train"), 1)
+        x = reader = ShuffledChunks(dataset, "train", pre, tr["conditions"], window, _rank_seed(seed, rank), device)
+        log.info(
+            "train split streamed: %d events in %d chunks of %d, windows of %d chunks; fits on %d events",
+            len(reader),
+            reader.n_chunks,
+            reader.step,
+            reader.window,
+            len(fit["incident_energies"]),
+        )
+        idx = eval_rows(sizes["val"], tcfg["eval_events"], seed) if rank == 0 else None
+        ev = load_split(dataset, "val", rows=idx) if rank == 0 else {}
     c = torch.from_numpy(np.asarray(tr["conditions"], dtype=np.float32)).to(device)
     mcfg, head, physics = model_parts(
         tcfg,
         pre,
         geometry,
-        tr["showers"],
-        tr["incident_energies"],
+        fit["showers"],
+        fit["incident_energies"],
         attrs.get("readout_threshold_mev"),
-        tr["incident_pdg"],
+        fit["incident_pdg"],
     )
-    del tr
-    state = TrainState(mcfg, loop_settings_from(tcfg, precision), device, int(cfg["seed"]), rank, world, head, physics)
-    compat = _compat(cfg, mcfg, attrs, len(x), world)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-    trainer = _Trainer(cfg, state, pre, geometry, attrs, va, out, compat, progress)
-    trainer.start(restart)
-    stopped_early = trainer.loop(x, c, t_start)
-    return trainer.finish(stopped_early, t_start)
+    del tr, fit
+    try:
+        state = TrainState(mcfg, loop_settings_from(tcfg, precision), device, seed, rank, world, head, physics)
+        compat = _compat(cfg, mcfg, attrs, len(x), world)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, out / "config.yaml")
+        trainer = _Trainer(cfg, state, pre, geometry, attrs, ev, out, compat, progress)
+        trainer.start(restart)
+        stopped_early = trainer.loop(x, c, t_start)
+        return trainer.finish(stopped_early, t_start)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+#: Share of ``memory_gb`` a training window of the shuffled-chunk reader may take (the window served,
+#: the next one read ahead, and their raw and transformed copies: about 6 windows at the peak).
+WINDOW_SHARE = 1 / 32
+#: Share of ``memory_gb`` the fit sample of a streamed train split may take (the response template and
+#: the critic's physics inputs are fitted on it; their copies take about 6 times as much).
+FIT_SHARE = 1 / 16
+
+
+def _split_sizes(dataset: Path) -> dict[str, int]:
+    try:
+        with h5py.File(dataset, "r") as f:
+            return {s: int(f[s]["incident_energies"].shape[0]) for s in ("train", "val") if s in f}
+    except (OSError, KeyError) as exc:
+        raise TrainError(f"{dataset}: cannot read the split sizes ({exc})") from exc
+
+
+def _chunk_rows(dataset: Path, split: str) -> int:
+    from surrogate.data import chunk_rows
+
+    with h5py.File(dataset, "r") as f:
+        return chunk_rows(f[split]["showers"])
+
+
+def _fit_sample(dataset: Path, cfg: dict[str, Any], n_voxels: int) -> dict[str, np.ndarray]:
+    """Whole chunks of the train split, drawn at random by seed, within ``FIT_SHARE`` of the budget:
+    what the response template and the critic's physics inputs are fitted on when the split is streamed."""
+    want = memory.rows_within(4 * n_voxels, FIT_SHARE, cfg, at_least=1)
+    with h5py.File(dataset, "r") as f:
+        g = f["train"]
+        step = max(_chunk_rows(dataset, "train"), 1)
+        n_chunks = -(-g["showers"].shape[0] // step)
+        rng = np.random.default_rng(np.random.SeedSequence([int(cfg["seed"]), 0xF17]))
+        chunks = np.sort(rng.permutation(n_chunks)[: max(1, want // step)])
+        rows, showers = read_chunks(g["showers"], chunks)
+        out = {k: g[k][()][rows] for k in ("incident_energies", "incident_eta", "incident_pdg")}
+    return {"showers": showers, **out}
 
 
 class _Trainer:
@@ -898,7 +1021,7 @@ class _Trainer:
         pre,
         geometry,
         attrs: dict[str, Any],
-        va: dict[str, np.ndarray],
+        ev: dict[str, np.ndarray],
         out: Path,
         compat: dict[str, Any],
         progress: bool,
@@ -909,10 +1032,7 @@ class _Trainer:
         self.state_path, self.history_path = out / "state" / "checkpoint.pt", out / "history.jsonl"
         self.best: dict[str, Any] = {"score": math.inf, "step": -1, "weights": None}
         self.wall_before, self.rollbacks, self.start_step = 0.0, 0, 0
-        n_eval = min(int(self.tcfg["eval_events"]), len(va["showers"])) if self.lead else 0
-        eval_rng = np.random.default_rng(int(cfg["seed"]))
-        idx = np.sort(eval_rng.choice(len(va["showers"]), n_eval, replace=False)) if n_eval else np.zeros(0, int)
-        self.ev = {k: v[idx] for k, v in va.items()}
+        self.ev = ev  # the validation events of the physics score (:func:`eval_rows`; empty off rank 0)
 
     # ---- resume
     def start(self, restart: bool) -> None:

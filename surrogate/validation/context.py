@@ -55,6 +55,7 @@ class Sizes:
     classifier_events: int
     voxel_classifier_events: int
     prdc_events: int
+    voxel_classifier_voxels: int = 0  # voxels the voxel classifier reads (0: every one)
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,12 @@ def _draw(real: RealSample, gen: GeneratedSample, binning: Binning, settings: di
         # events, and their spread (the KPD error) zero
         kpd_batch_size=max(2, min(sub["kpd_batch_size"], na // 2, nb // 2)),
         classifier_events=min(sub["classifier_events"], na, nb),
-        voxel_classifier_events=min(sub["voxel_classifier_events"], na, nb, len(gen.voxels)),
+        # a streamed real split keeps the showers of some rows only
+        voxel_classifier_events=min(
+            sub["voxel_classifier_events"], real.n_voxel_rows(half_a), real.n_voxel_rows(half_b), len(gen.voxels)
+        ),
         prdc_events=min(sub["prdc_events"], na, nb),
+        voxel_classifier_voxels=min(sub.get("voxel_classifier_voxels", 0), real.geometry.n_voxels),
     )
     return Draws(half_a, half_b, real_bins, gen_bins, gen_b, gen_ks, gen_mode, tuple(per_bin), sizes)
 

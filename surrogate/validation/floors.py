@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from surrogate import __version__
+from surrogate import __version__, memory
 from surrogate.io import write_json
 from surrogate.validation.binning import Binning
 from surrogate.validation.context import seeds
@@ -79,7 +79,9 @@ def floor_identity(
     h = hashlib.sha256()
     for s in (real, train):
         if s is not None:
-            for arr in (s.showers, s.energy, s.eta, s.pdg, s.mode):
+            # a streamed split kept only some showers, and the digest of all of them
+            h.update(s.showers_sha256 if s.showers_sha256 is not None else np.ascontiguousarray(s.showers).tobytes())
+            for arr in (s.energy, s.eta, s.pdg, s.mode):
                 h.update(np.ascontiguousarray(arr).tobytes())
     used = {k: v for k, v in settings.items() if k not in _RUN_ONLY_SETTINGS}
     identity = {
@@ -204,8 +206,8 @@ def compute_floors(
     ``validate.threads``)."""
     t0 = time.perf_counter()
     settings, seed = cfg["validate"], int(cfg["seed"])
-    real, train, binning = load_splits(dataset, settings, split)
     s_eval = seeds(seed, 3)[2]
+    real, train, binning = load_splits(dataset, settings, split, memory.budget_bytes(cfg), s_eval)
     floors: dict[str, Any] = {}
     fill_floors(real, train, binning, settings, s_eval, floors, threads or settings["threads"])
     identity = floor_identity(real, train, binning, settings, s_eval)

@@ -4,6 +4,7 @@ matched to its conditions and streamed (here or in reader processes, :mod:`surro
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import json
 import logging
 import math
@@ -43,17 +44,41 @@ class ValidateError(ValueError):
 
 @dataclass
 class RealSample:
-    """Test split in memory: features (N, F), conditions, truth modes, voxel showers (N, V) MeV."""
+    """Test split in memory: features (N, F), conditions, truth modes, voxel showers (N, V) MeV.
+
+    A streamed split (``memory_gb``) keeps the showers of only some rows, ``shower_rows`` (sorted),
+    and the sha256 of all of them, ``showers_sha256``; :meth:`voxels_of` serves both kinds.
+    """
 
     features: np.ndarray
     energy: np.ndarray  # (N,) MeV
     eta: np.ndarray  # (N,)
     pdg: np.ndarray  # (N,) int
     mode: np.ndarray  # (N,) int, -1 when unknown
-    showers: np.ndarray  # (N, V) float32 MeV
+    showers: np.ndarray  # (N, V) float32 MeV; streamed: (len(shower_rows), V)
     mode_names: list[str]
     geometry: Geometry
     names: list[str]
+    shower_rows: np.ndarray | None = None  # streamed: the rows whose showers are kept; None: every row
+    showers_sha256: bytes | None = None  # streamed: sha256 of every row's showers, in row order
+
+    def _kept(self, rows: np.ndarray) -> np.ndarray:
+        """Positions in ``showers`` of those of ``rows`` (sorted) whose showers are kept."""
+        if self.shower_rows is None:
+            return rows
+        pos = np.searchsorted(self.shower_rows, rows)
+        pos = np.minimum(pos, max(len(self.shower_rows) - 1, 0))
+        return pos[self.shower_rows[pos] == rows] if len(self.shower_rows) else pos[:0]
+
+    def voxels_of(self, rows: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """Showers (n, V) of ``rows`` (sorted sample rows; streamed: those of them that are kept), all
+        voxels or ``columns``."""
+        pos = self._kept(rows)
+        return self.showers[pos] if columns is None else self.showers[np.ix_(pos, columns)]
+
+    def n_voxel_rows(self, rows: np.ndarray) -> int:
+        """How many of ``rows`` have their showers kept (all of them unless streamed)."""
+        return len(self._kept(rows))
 
 
 @dataclass
@@ -100,8 +125,22 @@ def _open(path: Path) -> h5py.File:
         raise ValidateError(f"{path}: cannot open as HDF5 ({exc})") from exc
 
 
-def load_real(path: str | Path, group: str = "test", max_rows: int | None = None) -> RealSample:
-    """Load one split of the ingest file and compute its features (float64 (N, F))."""
+def load_real(
+    path: str | Path,
+    group: str = "test",
+    max_rows: int | None = None,
+    *,
+    stream: bool = False,
+    voxel_rows: int = 0,
+    seed: int = 0,
+    block_rows: int = 0,
+) -> RealSample:
+    """Load one split of the ingest file and compute its features (float64 (N, F)).
+
+    ``stream``: read it ``block_rows`` rows at a time (a multiple of :func:`surrogate.stream.feature_rows`,
+    so the features are the same), keeping the showers of ``voxel_rows`` rows drawn by ``seed``
+    (what the voxel classifier uses) and the sha256 of all of them.
+    """
     path = Path(path)
     with _open(path) as f:
         if group not in f:
@@ -113,23 +152,39 @@ def load_real(path: str | Path, group: str = "test", max_rows: int | None = None
             raise ValidateError(f"{path}: bad or missing root attribute ({exc})") from exc
         g = f[group]
         sl = slice(0, max_rows)
-        showers = g["showers"][sl] if "showers" in g else None
-        if showers is None:
+        if "showers" not in g:
             raise ValidateError(f"{path}: no dataset '{group}/showers'")
-        n = len(showers)
+        n = len(g["showers"]) if max_rows is None else min(len(g["showers"]), max_rows)
         energy = _read(g, path, "incident_energies")[sl].reshape(-1)
         eta = _read(g, path, "incident_eta", False)
         pdg = _read(g, path, "incident_pdg", False)
         mode = _read(g, path, "mode", False)
+        if len(energy) != n:
+            raise ValidateError(f"{path}: '{group}/showers' has {n} rows but incident_energies has {len(energy)}")
+        names = feature_names(geometry)
+        kept, digest = None, None
+        if not stream:
+            showers = g["showers"][sl]
+            features = S.features(showers, energy, geometry, names)
+        else:
+            kept, showers, features, digest = _stream_split(
+                g["showers"], n, energy, geometry, names, voxel_rows, seed, block_rows
+            )
     eta = np.zeros(n) if eta is None else eta[sl].reshape(-1)
     pdg = np.zeros(n, dtype=np.int64) if pdg is None else pdg[sl].reshape(-1).astype(np.int64)
     mode = np.full(n, -1, dtype=np.int64) if mode is None else mode[sl].astype(np.int64)
-    if len(energy) != n:
-        raise ValidateError(f"{path}: '{group}/showers' has {n} rows but incident_energies has {len(energy)}")
-    names = feature_names(geometry)
-    features = S.features(showers, energy, geometry, names)
     return RealSample(
-        features, energy.astype(np.float64), eta.astype(np.float64), pdg, mode, showers, mode_names, geometry, names
+        features,
+        energy.astype(np.float64),
+        eta.astype(np.float64),
+        pdg,
+        mode,
+        showers,
+        mode_names,
+        geometry,
+        names,
+        kept,
+        digest,
     )
 
 
@@ -144,17 +199,68 @@ def condition_info(path: str | Path) -> dict[str, Any]:
         raise ValidateError(f"{path}: bad root attribute 'condition_info' ({exc})") from exc
 
 
+def _stream_split(
+    ds: h5py.Dataset,
+    n: int,
+    energy: np.ndarray,
+    geometry: Geometry,
+    names: list[str],
+    voxel_rows: int,
+    seed: int,
+    block_rows: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+    """(kept rows, their showers, every row's features, sha256 of every row's showers) of ``ds[:n]``, read
+    ``block_rows`` at a time."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7E57, n]))
+    kept = np.sort(rng.choice(n, size=min(int(voxel_rows), n), replace=False))
+    showers = np.empty((len(kept), ds.shape[1]), dtype=np.float32)
+    features = np.empty((n, len(names)), dtype=np.float64)
+    digest = hashlib.sha256()
+    rows = S.feature_rows(geometry.n_voxels)
+    step = max(rows, block_rows // rows * rows)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        block = ds[lo:hi]
+        digest.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+        features[lo:hi] = S.features(block, energy[lo:hi], geometry, names)
+        a, b = np.searchsorted(kept, [lo, hi])
+        showers[a:b] = block[kept[a:b] - lo]
+    return kept, showers, features, digest.digest()
+
+
 def load_splits(
-    dataset: str | Path, settings: dict[str, Any], split: str = "test"
+    dataset: str | Path, settings: dict[str, Any], split: str = "test", budget: int | None = None, seed: int = 0
 ) -> tuple[RealSample, RealSample | None, Binning]:
     """The reference split (``test``, or a held-out one: ``unseen``, ``extrapolation``), the train
     events of the mode classifier (None without truth modes), the condition bins (by the discrete
-    energies ingest found, if any: :meth:`Binning.from_settings`)."""
-    real = load_real(dataset, split)
+    energies ingest found, if any: :meth:`Binning.from_settings`).
+
+    ``budget`` (bytes, ``memory_gb``): when holding the splits whole would exceed it
+    (:func:`surrogate.memory.validate_bytes`) they are streamed, keeping the showers of three times
+    ``subsample.voxel_classifier_events`` reference rows (drawn by ``seed``) and none of the train rows.
+    """
+    from surrogate import memory
+
+    sub = settings["subsample"]
+    with _open(Path(dataset)) as f:
+        if split not in f or "showers" not in f[split]:
+            raise ValidateError(f"{dataset}: no dataset '{split}/showers' (expected the ingest output)")
+        n_real, n_voxels = f[split]["showers"].shape
+        n_train = min(f["train"]["showers"].shape[0], sub["mode_classifier_events"]) if "train" in f else 0
+    need = memory.validate_bytes(n_real, n_train, n_voxels)
+    stream = budget is not None and need > budget
+    kw = {}
+    if stream:
+        block = budget // 64 // (4 * n_voxels)  # rows read at a time (rounded up to whole feature calls)
+        kw = {"stream": True, "seed": seed, "block_rows": block}
+        log.info(
+            "real splits streamed: %.2f GB whole against memory_gb %.2f GB", need / memory.GIB, budget / memory.GIB
+        )
+    real = load_real(dataset, split, voxel_rows=3 * sub["voxel_classifier_events"], **kw)
     log.info("real %s split: %d events, %d features", split, len(real.energy), len(real.names))
     train = None
     if np.all(real.mode >= 0):
-        train = load_real(dataset, "train", max_rows=settings["subsample"]["mode_classifier_events"])
+        train = load_real(dataset, "train", max_rows=sub["mode_classifier_events"], **kw)
     particles = tuple(int(p) for p in np.unique(real.pdg))
     binning = Binning.from_settings(settings, particles, condition_info(dataset))
     if binning.energies_mev is not None:
@@ -203,7 +309,7 @@ def _read_conditions(path: Path, n_voxels: int) -> tuple[np.ndarray, np.ndarray,
         energy = _read(f, path, "incident_energies").reshape(-1).astype(np.float64)
         eta = _read(f, path, "incident_eta", False)
         pdg = _read(f, path, "incident_pdg", False)
-        chunk = showers.chunks[0] if showers.chunks else 1
+        chunk = showers.chunks[0] if showers.chunks else _source_chunk_rows(path, showers)
     eta = np.zeros(n) if eta is None else eta.reshape(-1).astype(np.float64)
     pdg = np.zeros(n, dtype=np.int64) if pdg is None else pdg.reshape(-1).astype(np.int64)
     for name, arr in (("incident_energies", energy), ("incident_eta", eta), ("incident_pdg", pdg)):
@@ -215,6 +321,23 @@ def _read_conditions(path: Path, n_voxels: int) -> tuple[np.ndarray, np.ndarray,
             f"{path}: 'incident_energies' row {bad[0]} is {float(energy[bad[0]])!r}; it must be finite and > 0 MeV"
         )
     return energy, eta, pdg, chunk
+
+
+def _source_chunk_rows(path: Path, showers: h5py.Dataset) -> int:
+    """HDF5 chunk rows of a virtual dataset's first source (the generate stage's joined shards), else 1.
+
+    Blocks are read in multiples of it: a block that ends inside a compressed chunk makes the next block
+    decompress that chunk again (with blocks smaller than a chunk, every block does: 20x slower)."""
+    if not showers.is_virtual:
+        return 1
+    source = showers.virtual_sources()[0]
+    name = Path(source.file_name)
+    try:
+        with h5py.File(name if name.is_absolute() else path.parent / name, "r") as f:
+            chunks = f[source.dset_name].chunks
+    except (OSError, KeyError):
+        return 1
+    return int(chunks[0]) if chunks else 1
 
 
 class GeneratedStream:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from surrogate import memory
 from surrogate.config import dump_config, parse_stage_args, stage_parser
 from surrogate.features import FeaturesError
 from surrogate.holdout import HoldoutError, canonical, check_same, regions_from_config, split_names
@@ -57,11 +58,13 @@ def _real_side(
     seed: int,
     floors_path: str | Path | None,
     split: str = "test",
+    budget: int | None = None,
 ) -> tuple[RealSample, RealSample | None, Binning, dict[str, Any], str]:
-    """The real samples and the floors (kept in ``state``, read from ``floors_path`` when they match),
-    and where the floors come from: "reused", the file, or "computed here" (computed later)."""
+    """The real samples (streamed above ``budget`` bytes) and the floors (kept in ``state``, read from
+    ``floors_path`` when they match), and where the floors come from: "reused", the file, or "computed
+    here" (computed later)."""
     if "real" not in state:
-        state["real"], state["train"], state["binning"] = load_splits(dataset, settings, split)
+        state["real"], state["train"], state["binning"] = load_splits(dataset, settings, split, budget, seed)
     real, train, binning = state["real"], state["train"], state["binning"]
     floors = state.setdefault("floors", {})
     source = "reused" if floors else "computed here"
@@ -343,7 +346,10 @@ def _validate(
     plotter = procs.plotter
     settings, sub = cfg["validate"], cfg["validate"]["subsample"]
     _, s_match, s_eval = seeds(int(cfg["seed"]), 3)
-    real, train, binning, floors, floors_source = _real_side(state, dataset, settings, s_eval, floors_path, split)
+    budget = memory.budget_bytes(cfg)
+    real, train, binning, floors, floors_source = _real_side(
+        state, dataset, settings, s_eval, floors_path, split, budget
+    )
     plot_dir = out / "plots" if split == "test" else out / "plots" / split
     if plotter is not None and history is not None:
         plotter.submit("training_curves", plot_dir, history)
@@ -351,7 +357,8 @@ def _validate(
     gen_args = (generated, real.geometry, real.names, binning, binning.index(real.energy, real.eta, real.pdg))
     gen_kw = {
         "cap": settings["max_generated_events"],
-        "chunk_events": settings["chunk_events"],
+        # a reader's block (and its copies while checked and turned into features) within a share of the budget
+        "chunk_events": min(settings["chunk_events"], memory.rows_within(4 * real.geometry.n_voxels, 1 / 64, cfg)),
         "feature_events": min(sub["gen_test_events"], sub["gen_test_ratio"] * n_real),
         "voxel_events": sub["voxel_classifier_events"],
     }

@@ -126,4 +126,9 @@ def _assemble(ctx: Context, results: dict[str, tuple[list[Test], dict[str, Any],
         "mode_classifier_events": sub["mode_classifier_events"],
         "clusters": sub["clusters"],
     }
+    # only where they apply (a summary of the default 533-voxel run keeps its bytes)
+    if 0 < d.sizes.voxel_classifier_voxels < ctx.real.geometry.n_voxels:
+        info["subsample"]["voxel_classifier_voxels"] = d.sizes.voxel_classifier_voxels  # the most often hit
+    if ctx.real.shower_rows is not None:  # memory_gb: the real split read in blocks, some showers kept
+        info["subsample"]["real_showers_kept"] = len(ctx.real.showers)
     return tests, info

@@ -2,10 +2,20 @@
 import yaml
 from pathlib import Path
 
+# Every output of a run lies under `results_dir` (config; default results/), so a preset with its own
+# folder (config/calochallenge-ds2.yaml) never overwrites the default run's outputs.
+RESULTS = str(config.get("results_dir", "results")).rstrip("/")
+
+
+def res(path):
+    """``path`` inside the run's results folder (``results_dir``): res("ingest/dataset.h5")."""
+    return f"{RESULTS}/{path}"
+
+
 # Stages read the config Snakemake resolved (config file + `--config` overrides + schema
 # defaults), written once per invocation; it is rewritten only when its content changes,
 # so its modification time does not trigger reruns.
-RESOLVED_CONFIG = "results/config.resolved.yaml"
+RESOLVED_CONFIG = res("config.resolved.yaml")
 _text = yaml.safe_dump(config, sort_keys=False)
 _path = Path(RESOLVED_CONFIG)
 if not _path.exists() or _path.read_text() != _text:

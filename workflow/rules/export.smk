@@ -1,11 +1,11 @@
 rule export:
     """The generator as one ONNX graph (raw conditions and latents in, showers in MeV out) for C++ frameworks."""
     input:
-        generator="results/train/generator.pt",
-        dataset="results/ingest/dataset.h5",  # read for the readout threshold, as generate does
+        generator=res("train/generator.pt"),
+        dataset=res("ingest/dataset.h5"),  # read for the readout threshold, as generate does
     output:
-        onnx="results/export/generator.onnx",
-        summary="results/export/generator.json",
+        onnx=res("export/generator.onnx"),
+        summary=res("export/generator.json"),
     params:
         # what sets the readout threshold in the graph (surrogate.generate.stage_threshold)
         settings={
@@ -15,9 +15,9 @@ rule export:
             "inputs": config["ingest"]["inputs"],
         },
     log:
-        "results/logs/export.log",
+        res("logs/export.log"),
     benchmark:
-        "results/benchmarks/export.tsv"
+        res("benchmarks/export.tsv")
     threads: 1
     shell:
         "python -m surrogate.export --config {RESOLVED_CONFIG} --generator {input.generator}"

@@ -8,17 +8,17 @@ wildcard_constraints:
 rule generate_shard:
     """One independent shard of generated events (its seed spawned from the run seed)."""
     input:
-        generator="results/train/generator.pt",
-        dataset="results/ingest/dataset.h5",
+        generator=res("train/generator.pt"),
+        dataset=res("ingest/dataset.h5"),
     output:
-        "results/generate/shard-{i}.h5",
+        res("generate/shard-{i}.h5"),
     params:
         settings={k: config.get(k) for k in ("seed", "generate")},
         shards=len(SHARDS),
     log:
-        "results/logs/generate-{i}.log",
+        res("logs/generate-{i}.log"),
     benchmark:
-        "results/benchmarks/generate-{i}.tsv"
+        res("benchmarks/generate-{i}.tsv")
     threads: 2  # one for the forward pass, one for the compressing writer thread
     resources:
         gpu=1,  # only binds with `--resources gpu=N`: then at most N shards share the GPUs
@@ -31,13 +31,13 @@ rule generate_shard:
 rule generate:
     """Join the shards into one HDF5 virtual dataset (no copy)."""
     input:
-        expand("results/generate/shard-{i}.h5", i=SHARDS),
+        expand(res("generate/shard-{i}.h5"), i=SHARDS),
     output:
-        "results/generate/events.h5",
+        res("generate/events.h5"),
     log:
-        "results/logs/generate-join.log",
+        res("logs/generate-join.log"),
     benchmark:
-        "results/benchmarks/join.tsv"
+        res("benchmarks/join.tsv")
     shell:
         "python -m surrogate.generate join --shards {input} --out {output} 2> {log}"
 
@@ -45,18 +45,18 @@ rule generate:
 rule generate_heldout:
     """Events at the conditions of a held-out split (ingest.holdout): generate.holdout_events in one file."""
     input:
-        generator="results/train/generator.pt",
-        dataset="results/ingest/dataset.h5",
+        generator=res("train/generator.pt"),
+        dataset=res("ingest/dataset.h5"),
     output:
-        "results/generate/{split}.h5",
+        res("generate/{split}.h5"),
     wildcard_constraints:
         split="unseen|extrapolation",
     params:
         settings={k: config.get(k) for k in ("seed", "generate")},
     log:
-        "results/logs/generate-{split}.log",
+        res("logs/generate-{split}.log"),
     benchmark:
-        "results/benchmarks/generate_heldout-{split}.tsv"  # not generate-*: those are the shards of events.h5
+        res("benchmarks/generate_heldout-{split}.tsv")  # not generate-*: those are the shards of events.h5
     threads: 2
     resources:
         gpu=1,

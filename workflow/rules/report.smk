@@ -1,18 +1,18 @@
 rule report:
     """Log the whole run to MLflow (the only stage that touches the tracking store)."""
     input:
-        "results/validate/summary.json",
-        "results/train/generator.pt",
-        "results/ingest/manifest.json",
-        "results/generate/events.h5",
-        "results/export/generator.onnx",
+        res("validate/summary.json"),
+        res("train/generator.pt"),
+        res("ingest/manifest.json"),
+        res("generate/events.h5"),
+        res("export/generator.onnx"),
     output:
-        "results/report/mlflow_run.json",
+        res("report/mlflow_run.json"),
     params:
         settings=config.get("report"),
     log:
-        "results/logs/report.log",
+        res("logs/report.log"),
     benchmark:
-        "results/benchmarks/report.tsv"
+        res("benchmarks/report.tsv")
     shell:
-        "python -m surrogate.report --config {RESOLVED_CONFIG} --results results --out results/report 2> {log}"
+        "python -m surrogate.report --config {RESOLVED_CONFIG} --results {RESULTS} --out {RESULTS}/report 2> {log}"

@@ -6,9 +6,9 @@ rule simulate:
         # rerun when the physics or the sample changes
         settings={k: config[k] for k in ("seed", "geometry", "material", "simulate")},
     log:
-        "results/logs/simulate.log",
+        res("logs/simulate.log"),
     benchmark:
-        "results/benchmarks/simulate.tsv"
+        res("benchmarks/simulate.tsv")
     threads: 2
     shell:
         "python -m surrogate.simulate --config {RESOLVED_CONFIG} --out {output}"

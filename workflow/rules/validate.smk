@@ -1,9 +1,9 @@
 rule validate_floors:
     """Real-vs-real floors of the test split: they depend on the data, not on the generator (runs beside training)."""
     input:
-        dataset="results/ingest/dataset.h5",
+        dataset=res("ingest/dataset.h5"),
     output:
-        "results/validate/floors.json",
+        res("validate/floors.json"),
     params:
         settings={k: config.get(k) for k in ("seed", "validate")},
         # the stage trusts floors only from the same code (their identity hashes it): recompute them here.
@@ -12,9 +12,9 @@ rule validate_floors:
             "surrogate.features", "surrogate.geometry", "surrogate.metrics", "surrogate.stream", "surrogate.validation"
         ),
     log:
-        "results/logs/validate-floors.log",
+        res("logs/validate-floors.log"),
     benchmark:
-        "results/benchmarks/validate-floors.tsv"
+        res("benchmarks/validate-floors.tsv")
     threads: 32  # as many as --cores allows (Snakemake scales it down)
     shell:
         "python -m surrogate.validate floors --config {RESOLVED_CONFIG} --dataset {input.dataset}"
@@ -24,18 +24,18 @@ rule validate_floors:
 rule validate_floors_heldout:
     """Real-vs-real floors of a held-out split (ingest.holdout), beside training."""
     input:
-        dataset="results/ingest/dataset.h5",
+        dataset=res("ingest/dataset.h5"),
     output:
-        "results/validate/floors-{split}.json",
+        res("validate/floors-{split}.json"),
     wildcard_constraints:
         split="unseen|extrapolation",
     params:
         settings={k: config.get(k) for k in ("seed", "validate")},
         code=rules.validate_floors.params.code,
     log:
-        "results/logs/validate-floors-{split}.log",
+        res("logs/validate-floors-{split}.log"),
     benchmark:
-        "results/benchmarks/validate-floors-{split}.tsv"
+        res("benchmarks/validate-floors-{split}.tsv")
     threads: 32
     shell:
         "python -m surrogate.validate floors --config {RESOLVED_CONFIG} --dataset {input.dataset}"
@@ -45,17 +45,17 @@ rule validate_floors_heldout:
 rule validate:
     """Physics distributions and mode coverage against the held-out test split (and the held-out conditions)."""
     input:
-        dataset="results/ingest/dataset.h5",
-        generated="results/generate/events.h5",
-        floors="results/validate/floors.json",
-        history="results/train/history.jsonl",
-        heldout=expand("results/generate/{split}.h5", split=HELDOUT),
-        heldout_floors=expand("results/validate/floors-{split}.json", split=HELDOUT),
+        dataset=res("ingest/dataset.h5"),
+        generated=res("generate/events.h5"),
+        floors=res("validate/floors.json"),
+        history=res("train/history.jsonl"),
+        heldout=expand(res("generate/{split}.h5"), split=HELDOUT),
+        heldout_floors=expand(res("validate/floors-{split}.json"), split=HELDOUT),
     output:
-        summary="results/validate/summary.json",
-        html=report("results/validate/report.html", caption="../report/validate.rst", category="Validation"),
+        summary=res("validate/summary.json"),
+        html=report(res("validate/report.html"), caption="../report/validate.rst", category="Validation"),
         plots=report(
-            directory("results/validate/plots"),
+            directory(res("validate/plots")),
             patterns=["{name}.png"],
             caption="../report/plots.rst",
             category="Validation",
@@ -63,14 +63,14 @@ rule validate:
     params:
         settings={k: config.get(k) for k in ("seed", "validate")},
         heldout="".join(
-            f" --{s} results/generate/{s}.h5 --{s}-floors results/validate/floors-{s}.json" for s in HELDOUT
+            f" --{s} {RESULTS}/generate/{s}.h5 --{s}-floors {RESULTS}/validate/floors-{s}.json" for s in HELDOUT
         ),
     log:
-        "results/logs/validate.log",
+        res("logs/validate.log"),
     benchmark:
-        "results/benchmarks/validate.tsv"
+        res("benchmarks/validate.tsv")
     threads: 32  # as many as --cores allows (Snakemake scales it down); not workflow.cores, which breaks --report
     shell:
         "python -m surrogate.validate --config {RESOLVED_CONFIG} --dataset {input.dataset}"
-        " --generated {input.generated} --floors {input.floors} --history {input.history} --out results/validate"
+        " --generated {input.generated} --floors {input.floors} --history {input.history} --out {RESULTS}/validate"
         "{params.heldout} --threads {threads} 2> {log}"
