@@ -340,7 +340,7 @@ def test_nan_in_a_40500_voxel_row_is_refused(tmp_path, compression, voxel) -> No
 def test_plain_file_through_snakemake(tmp_path) -> None:
     """The README's recipe for one's own CaloChallenge files, on a tiny plain ds1-photon file: every stage runs,
     validation bins by the 15 energies, names them after the photon, and so does the MLflow run."""
-    from test_workflow import TINY_LATER, _snakemake
+    from test_workflow import TINY_LATER, snakemake
 
     work = tmp_path / "w"
     work.mkdir()
@@ -359,7 +359,7 @@ def test_plain_file_through_snakemake(tmp_path) -> None:
     }
     tiny["train"]["generator"]["symmetry"] = "none"
     (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    out = _snakemake(work)
+    out = snakemake(work)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-5000:]
     assert "rule simulate" not in text
@@ -375,5 +375,5 @@ def test_plain_file_through_snakemake(tmp_path) -> None:
     assert not [k for k in (*run.data.metrics, *run.data.params) if "pdg0" in k]
     assert any(k.startswith("validate.response_mean/photon_E") for k in run.data.metrics)
     assert (work / "results/export/generator.onnx").stat().st_size > 0
-    again = _snakemake(work, "-n")
+    again = snakemake(work, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
