@@ -166,9 +166,8 @@ def log_mlflow(experiment: str, name: str, params: dict[str, Any], result: dict[
     with mlflow.start_run(run_name=name) as active:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         metrics = {"steps": result["steps"], "train_seconds": result["seconds"]["train"]}
-        for prefix, rows in (("", result["headline"]), *((f"{s}.", result[s]["headline"]) for s in HELDOUT)):
-            if prefix and prefix[:-1] not in result:
-                continue
+        heldout = [(f"{s}.", result[s]["headline"]) for s in HELDOUT if s in result]  # with an overlay only
+        for prefix, rows in (("", result["headline"]), *heldout):
             for key, row in rows.items():
                 if isinstance(row.get("value"), int | float):
                     metrics[f"{prefix}headline.{key}"] = float(row["value"])

@@ -79,7 +79,8 @@ FORMAT_VERSION = 1  # of the exported file's interface (inputs, outputs, metadat
 OPSET = 17
 INPUT_NAMES = ("z", "incident_energy", "incident_eta", "incident_pdg")
 OUTPUT_NAMES = ("showers",)
-PARITY_RTOL = 1e-5  # ONNX Runtime vs PyTorch, relative, on every voxel above the threshold
+PARITY_RTOL = 1e-5  # ONNX Runtime vs PyTorch, relative, on every voxel above the threshold (at least; see parity_rtol)
+PARITY_FLOOR_FACTOR = 2.0  # ... or this many times PyTorch's own difference between batch 1 and the whole batch
 VOXEL_ORDER = (
     "CaloChallenge order: active layers in increasing layer id; within a layer, angular bin major and "
     "radial bin fastest, so column = layer offset + alpha_bin * n_r + r_bin (see 'layers')"
@@ -311,6 +312,17 @@ def compare(reference: np.ndarray, other: np.ndarray, threshold_mev: float, rtol
     }
 
 
+def parity_rtol(torch_floor: float) -> float:
+    """The parity tolerance for a graph whose PyTorch reference differs from itself by ``torch_floor``
+    (max relative difference between batch 1 and one whole batch: float32 sums in another order).
+
+    ONNX Runtime orders its sums differently again, so it cannot be asked to agree better than PyTorch
+    agrees with itself: a wider model (the 6,480-voxel per-layer generator: 1.5e-5) crosses 1e-5 by
+    rounding alone. A translation error (a dropped term, a wrong axis) is orders of magnitude above both.
+    """
+    return max(PARITY_RTOL, PARITY_FLOOR_FACTOR * float(torch_floor))
+
+
 def parity_sample(pre: Any, n: int, seed: int, z_dim: int) -> dict[str, np.ndarray]:
     """``n`` events for a parity check: each particle in turn in blocks of four events, one at each end of the
     trained energy range and two log-uniform in it."""
@@ -479,15 +491,23 @@ def run(
         export_seconds = time.perf_counter() - t0
 
         feeds = parity_sample(pre, check_events, int(cfg.get("seed", 0)), graph.z_dim)
+        inputs = [torch.from_numpy(feeds[k]) for k in INPUT_NAMES]
         with torch.inference_mode():
-            expected = graph(*(torch.from_numpy(feeds[k]) for k in INPUT_NAMES)).numpy()
+            expected = graph(*inputs).numpy()
+            one_by_one = np.concatenate([graph(*(x[i : i + 1] for x in inputs)).numpy() for i in range(len(expected))])
+        floor = compare(expected, one_by_one, threshold)
+        rtol = parity_rtol(floor["max_rel_diff"])
         got = _session(blob, threads).run(None, feeds)[0]
-        check = compare(expected, got, threshold)
+        check = {
+            **compare(expected, got, threshold, rtol),
+            "rtol": rtol,
+            "torch_batch1_max_rel_diff": floor["max_rel_diff"],
+        }
         if not check["ok"]:
             raise ExportError(
                 f"{out}: the ONNX graph does not reproduce the generator {generator_path} (max relative difference "
-                f"{check['max_rel_diff']:.3g} > {PARITY_RTOL:g}, or {check['zero_set_differences']} voxels zeroed "
-                "differently); nothing written"
+                f"{check['max_rel_diff']:.3g} > {rtol:.3g}, or {check['zero_set_differences']} voxels zeroed "
+                f"differently; PyTorch differs from itself by {floor['max_rel_diff']:.3g}); nothing written"
             )
         with atomic_path(out) as tmp:
             tmp.write_bytes(blob)
@@ -510,7 +530,7 @@ def run(
     write_json(out.with_suffix(".json"), summary)
     log.info(
         "wrote %s: opset %d, %.2f MB, exported in %.1f s; ONNX Runtime vs PyTorch on %d events: max relative "
-        "difference %.2g above the %.4g MeV threshold",
+        "difference %.2g above the %.4g MeV threshold (tolerance %.2g; PyTorch batch 1 vs batch: %.2g)",
         out,
         OPSET,
         len(blob) / 1e6,
@@ -518,6 +538,8 @@ def run(
         check_events,
         check["max_rel_diff"],
         threshold,
+        check["rtol"],
+        check["torch_batch1_max_rel_diff"],
     )
     return summary
 

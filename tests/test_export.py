@@ -221,6 +221,21 @@ def test_other_format_version_is_refused(default, tmp_path):
         OnnxShowerModel(tmp_path / "missing.onnx")
 
 
+def test_parity_tolerance_follows_pytorch_own_rounding_but_catches_translation_errors():
+    """The tolerance is 1e-5, or twice PyTorch's own batch-1-vs-batch difference when that is larger
+    (wide models); an error of 1e-3 (a dropped epsilon, a mis-scaled voxel) fails at either."""
+    assert export.parity_rtol(0.0) == export.PARITY_RTOL
+    assert export.parity_rtol(1.5e-5) == pytest.approx(3e-5)
+    rng = np.random.default_rng(0)
+    ref = rng.gamma(1.0, 10.0, (64, 100)).astype(np.float32) + 2.0
+    rounded = ref * (1 + rng.uniform(-2.5e-5, 2.5e-5, ref.shape)).astype(np.float32)
+    assert not export.compare(ref, rounded, 1.0)["ok"]
+    assert export.compare(ref, rounded, 1.0, export.parity_rtol(1.5e-5))["ok"]
+    wrong = ref.copy()
+    wrong[3, 7] *= 1 + 1e-3
+    assert not export.compare(ref, wrong, 1.0, export.parity_rtol(1.5e-5))["ok"]
+
+
 def test_mismatching_graph_writes_nothing(default, tmp_path, monkeypatch):
     """An export whose ONNX Runtime check fails leaves no file."""
     monkeypatch.setattr(

@@ -279,6 +279,43 @@ def test_critic_with_shape_and_threshold_embeds_them(fitted):
     assert all(p.grad is not None for p in G.parameters())
 
 
+@pytest.mark.parametrize(
+    "voxels, v0_range, v1_range",
+    [("mean", (4040, 4060), (445, 455)), ("log_mean", (4490, 4500), (1.0, 10.0)), ("median", (4495, 4500), (0, 1.0))],
+)
+def test_template_voxel_shares_of_a_rarely_hit_voxel(fitted, voxels, v0_range, v1_range):
+    """Known answer: in a 5 GeV shower layer 0 holds 4.5 GeV, all of it in voxel 0 in 90% of the
+    showers and in voxel 1 in the other 10%; layer 2 holds 0.5 GeV in voxel 4; threshold 1 MeV.
+    The mean template puts 10% of the layer (450 MeV) in voxel 1 of every shower; log_mean gives it
+    the geometric mean of its floored share (~3 MeV); median the floor, half the threshold."""
+    from surrogate.train import response_template
+
+    pre, _, _ = fitted
+    n = 200
+    energies = np.linspace(4990.0, 5010.0, n, dtype=np.float32).reshape(n, 1)  # two knots, 10% rare in each
+    showers = np.zeros((n, 7), np.float32)
+    rare = np.arange(n) % 10 == 0
+    showers[~rare, 0] = 0.9 * energies[~rare, 0]
+    showers[rare, 1] = 0.9 * energies[rare, 0]
+    showers[:, 4] = 0.1 * energies[:, 0]
+    tpl = response_template(pre, GEOM, showers, energies, None, knots=2, voxels=voxels, threshold_mev=1.0)
+    _, info = _layered(pre, template_knots=2)
+    head = LayeredHead({**info, "template": tpl}, template_knots=2)
+    e = np.array([[5000.0]], np.float32)
+    out = pre.inverse_showers(head(torch.zeros(1, head.n_in), None, _conditions(pre, e)).detach().numpy(), e)[0]
+    assert v0_range[0] < out[0] < v0_range[1] and v1_range[0] <= out[1] < v1_range[1], (voxels, out)
+    np.testing.assert_allclose(out.sum(), 5000.0, rtol=1e-3)
+    np.testing.assert_allclose(out[4:].sum(), 500.0, rtol=1e-3)
+
+
+def test_template_voxels_rejects_an_unknown_rule(fitted):
+    from surrogate.train import TrainError, response_template
+
+    pre, showers, energies = fitted
+    with pytest.raises(TrainError, match="template_voxels 'mode'"):
+        response_template(pre, GEOM, showers, energies, None, knots=2, voxels="mode")
+
+
 def test_response_template_is_the_mean_shower_and_loads_with_the_generator(tmp_path, fitted):
     """With zero raw outputs the layered head gives the fitted template: exp(mean log response) and
     the mean layer shares; its buffers travel in the checkpoint, so a loaded generator is the same."""

@@ -273,3 +273,32 @@ def test_exported_onnx_is_logged_with_named_inputs(results, tmp_path):
     assert out.shape == (n, 533) and (out >= 0).all()
     client_art = {a.path for a in mlflow.MlflowClient().list_artifacts(record["run_id"], "export")}
     assert client_art == {"export/generator.json"}
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_bench_fidelity_logs_a_run_with_and_without_heldout_splits(tmp_path, monkeypatch, heldout):
+    """The fidelity benchmark's MLflow run carries the headline numbers, and unseen.* ones only
+    when the run had held-out conditions (a run without --overlay once failed here, KeyError)."""
+    import importlib.util
+
+    from mlflow.tracking import MlflowClient
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_fidelity", Path(__file__).parents[1] / "benchmarks/bench_fidelity.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    headline = {"auc_features": {"value": 0.97, "floor": 0.5}, "n_failed": {"value": 12}}
+    result = {"steps": 10, "seconds": {"train": 1.5}, "headline": headline, "verdict": "FAIL", "cpu": "test"}
+    if heldout:
+        result["unseen"] = {"headline": {"auc_features": {"value": 0.99, "floor": 0.49}}}
+    (tmp_path / "out" / "validate").mkdir(parents=True)
+    run_id = bench.log_mlflow("fidelity-test", "run", {"preset": "default"}, result, tmp_path / "out")
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    assert metrics["headline.auc_features"] == 0.97 and metrics["headline.auc_features.floor"] == 0.5
+    assert metrics["headline.n_failed"] == 12 and metrics["train_seconds"] == 1.5
+    assert ("unseen.headline.auc_features" in metrics) == heldout
+    if heldout:
+        assert metrics["unseen.headline.auc_features"] == 0.99
