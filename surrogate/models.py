@@ -704,7 +704,10 @@ class Critic(nn.Module):
         x = torch.cat([e, c.to(e.dtype)], dim=1).reshape(len(a) // m, -1)
         if self.cfg.minibatch_std:
             # a collapsed generator has a small spread across the batch: let the critic see it
-            std = a.float().std(dim=0, unbiased=False).mean() if len(a) > 1 else a.new_zeros(())
+            # sqrt(var + eps): std's gradient is 0/0 = NaN where a voxel is the same in the whole
+            # batch (always empty ones), which the gradient penalty's double backward hits at step 1
+            var = a.float().var(dim=0, unbiased=False)
+            std = torch.sqrt(var + 1e-8).mean() if len(a) > 1 else a.new_zeros(())
             x = torch.cat([x, std.to(x.dtype).expand(len(x), 1)], dim=1)
         return self.net(x).squeeze(1)
 

@@ -50,6 +50,7 @@ old defaults                               739     0.9998   0.9983   371    0.09
   ... template_voxels median (EPYC)        307     0.9815   0.9968   1.6    0.83      5      worst 0.87
   default, seed 7 (EPYC)                   262     0.9715   0.9918   1.5    0.86      3      worst 0.87
   ... template_voxels log_mean, seed 7     248     0.9755   0.9972   1.6    0.87      5      worst 0.85
+  default + critic minibatch_std (EPYC)    270     0.9626   0.9856   1.5    0.83      7      worst 0.85
 =========================================  ======  =======  =======  =====  ========  =====  ==========
 
 The template turns the resolution from one spread at every energy (ratios up to 4) into the
@@ -69,6 +70,8 @@ threshold) made everything worse, sparsity failures 104 -> 111; the mean log sha
 failures elsewhere (273 -> 255: centroids, widths, layer energies) but sparsity alike (107); with
 another seed 262 -> 248, but both AUCs and the FPD worse (0.9715 -> 0.9755, 0.9918 -> 0.9972, 1.5 ->
 1.6). ``mean`` stays the default (for these rows the bench reports the worst resolution ratio only).
+The critic's minibatch std (after a fix: its gradient was NaN where a voxel is constant over the batch)
+gave the best voxel AUC and mode count so far but a lower coverage and higher FPD: one seed, kept off.
 
 Precision, measured on this machine (2 shared cores of a Xeon with AMX-BF16, torch 2.13, default
 model: 533 voxels, 4 conditions, widths 256x3, batch 256, n_critic 5; benchmarks/bench_train.py,
