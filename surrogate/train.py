@@ -603,6 +603,14 @@ def _knot_groups(
     return c0, groups, k_out
 
 
+def _readout_threshold(showers: np.ndarray, threshold_mev: float | None) -> float:
+    """The data's readout threshold in MeV: the one given, else the smallest positive voxel energy."""
+    if threshold_mev is not None:
+        return float(threshold_mev)
+    positive = np.asarray(showers)[np.asarray(showers) > 0]
+    return float(positive.min()) if positive.size else 1e-3
+
+
 def _layer_member(geometry: Any) -> np.ndarray:
     """(V, L) float32: 1 where voxel v lies in active layer l."""
     layer_index, _, _ = geometry.voxel_centres()
@@ -640,9 +648,8 @@ def response_template(
     """
     if voxels not in ("mean", "log_mean", "median"):
         raise TrainError(f"response template: template_voxels {voxels!r}, expected mean, log_mean or median")
-    if voxels != "mean" and threshold_mev is None:
-        positive = np.asarray(showers)[np.asarray(showers) > 0]
-        threshold_mev = float(positive.min()) if positive.size else 1e-3
+    if voxels != "mean":
+        threshold_mev = _readout_threshold(showers, threshold_mev)
     member = _layer_member(geometry).astype(np.float64)
     layer_index = np.argmax(member, axis=1)
     e = np.asarray(energies, dtype=np.float64).reshape(-1)
@@ -713,9 +720,7 @@ def critic_physics(
     u = np.asarray(showers, dtype=np.float32) / e
     sums = u @ member
     feats = np.log(np.concatenate([sums, sums.sum(axis=1, keepdims=True)], axis=1) + ShowerSums.DELTA)
-    if threshold_mev is None:
-        positive = np.asarray(showers)[np.asarray(showers) > 0]
-        threshold_mev = float(positive.min()) if positive.size else 1e-3
+    threshold_mev = _readout_threshold(showers, threshold_mev)
     vx, vy = geometry.voxel_xy()
     info = {
         "transform": pre.voxel_transform,
