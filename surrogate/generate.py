@@ -411,6 +411,11 @@ def output_filter(settings: dict[str, Any]) -> dict[str, Any]:
 
 #: Largest HDF5 chunk the stage writes (as the simulator): 1024 rows of 533 voxels are 2.2 MB, of 40,500 166 MB.
 MAX_CHUNK_BYTES = 16 << 20
+#: Largest batch of showers (float32) per forward pass. Bigger arrays are mapped fresh from the kernel for
+#: each of the forward pass's and the inverse preprocessing's temporaries, page faults and all: at 6,480
+#: voxels (CaloChallenge dataset 2), batches of 3,882 rows (100 MB) ran at 2.0 k events/s with 22 s of the
+#: process's 40 s CPU time in the kernel; batches of 647 rows (16 MB) at 5.1 k events/s (writer-bound), 3.6 s.
+MAX_BATCH_BYTES = 16 << 20
 
 
 def _chunk_rows(chunk_events: int, row_bytes: int, batch_size: int | None = None) -> int:
@@ -516,7 +521,7 @@ def run(
     ``cfg['seed']``. ``split``: resample the conditions of that split of ``dataset`` (``unseen``,
     ``extrapolation``: the held-out regions; the generator must have been trained with the same
     ``ingest.holdout``; ``generate.holdout_events`` events by default). Returns a summary (events,
-    seconds, events_per_s, precision, device, threshold_mev).
+    seconds, events_per_s, batch_size, precision, device, threshold_mev).
     """
     gcfg = cfg["generate"]
     file_source = (
@@ -591,9 +596,13 @@ def _run(
         why = f"memory_gb {cfg.get('memory_gb')}"
         log.info("batch of %d events instead of generate.batch_size %d (%s)", fitting, batch_size, why)
         batch_size = fitting
+    row_bytes = 4 * geometry.n_voxels
+    if batch_size * row_bytes > MAX_BATCH_BYTES:
+        batch_size = max(1, MAX_BATCH_BYTES // row_bytes)
+        log.info("batch of %d events: at most %d MB of showers per forward pass", batch_size, MAX_BATCH_BYTES >> 20)
     # whole HDF5 chunks per write: a compressed chunk written in parts is read back, decompressed and
     # compressed again for each part (at 6,480 voxels, batches of 32 rows into chunks of 647 ran at 63 events/s)
-    chunk = _chunk_rows(gcfg["output"]["chunk_events"], 4 * geometry.n_voxels, batch_size)
+    chunk = _chunk_rows(gcfg["output"]["chunk_events"], row_bytes, batch_size)
     if batch_size % chunk:
         batch_size = batch_size // chunk * chunk
         log.info("batch of %d events: whole HDF5 chunks of %d rows per write", batch_size, chunk)
@@ -677,6 +686,7 @@ def _run(
         "events": len(cond),
         "seconds": seconds,
         "events_per_s": len(cond) / max(seconds, 1e-9),
+        "batch_size": batch_size,
         "precision": precision,
         "device": str(device),
         "threshold_mev": threshold,

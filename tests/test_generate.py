@@ -117,6 +117,19 @@ def test_output_format_and_determinism(env):
         assert not np.array_equal(fa["showers"][()], fc["showers"][()]), "a different seed must change events"
 
 
+def test_batches_stay_within_max_batch_bytes_in_whole_chunks(env, tmp_path, monkeypatch):
+    """A batch of generate.batch_size rows over MAX_BATCH_BYTES of showers shrinks to fit, then to whole chunks."""
+    monkeypatch.setattr(generate, "MAX_BATCH_BYTES", 40 * 533 * 4)  # 40 rows of the default geometry
+    out = tmp_path / "small.h5"
+    summary = _run(env, out, seed=7)  # batch_size 48 -> 40 rows -> 32 (two chunks of 16)
+    assert summary["batch_size"] == 32 and summary["events"] == 150
+    with h5py.File(out, "r") as f:
+        assert f["showers"].chunks == (16, 533) and f["showers"].shape == (150, 533)
+        assert np.all(np.isfinite(f["showers"][()]))
+    monkeypatch.undo()
+    assert _run(env, tmp_path / "full.h5", seed=7)["batch_size"] == 48  # within the bound: as configured
+
+
 def test_shards_are_independent_and_join_reads_as_one(env, tmp_path):
     k = 3
     shards = [tmp_path / f"shard-{i}.h5" for i in range(k)]
